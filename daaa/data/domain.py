@@ -1,0 +1,141 @@
+"""A domain: images, optional labels, a class list -- and its decoded, validated, in-memory tensor form."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import DataError
+
+LOG = logging.getLogger("daaa")
+
+
+@dataclass
+class Domain:
+    """A set of images with optional labels.
+
+    ``ids[i]`` names image i for messages and manifests (a file path, or ``"mnist[17]"`` for array data sets);
+    ``read(i)`` returns it as a PIL image (any mode); ``labels`` is None for unlabelled data; ``classes`` is the
+    ordered class-name list (label k means ``classes[k]``), also for unlabelled data when known.
+    """
+
+    name: str
+    ids: list[str]
+    read: Callable[[int], Image.Image]
+    labels: list[int] | None = None
+    classes: list[str] | None = None
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def unlabelled(self) -> "Domain":
+        """The same images with labels withheld (target training data)."""
+        return Domain(self.name, self.ids, self.read, None, self.classes, dict(self.info))
+
+    def subset(self, indices: list[int] | np.ndarray, name: str | None = None) -> "Domain":
+        idx = [int(i) for i in indices]
+        read = self.read
+        return Domain(
+            name or self.name,
+            [self.ids[i] for i in idx],
+            lambda j: read(idx[j]),
+            None if self.labels is None else [self.labels[i] for i in idx],
+            self.classes,
+            dict(self.info),
+        )
+
+
+@dataclass
+class ImageTensors:
+    """A domain decoded once: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,) or None."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    ids: list[str]
+    classes: list[str] | None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def to_pil_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Grayscale, RGB, RGBA, palette and 16-bit images all become 'L' (channels=1) or 'RGB' (channels=3).
+
+    Transparency is composited on black, as MNIST-style digits have a black background.
+    """
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(bg, img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() or 1.0
+        img = Image.fromarray((arr / hi * 255).astype(np.uint8), "L")
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def load_tensors(domain: Domain, size: int, channels: int, skip_corrupt: bool = False,
+                 progress: bool = False) -> ImageTensors:
+    """Decode every image of ``domain`` to a square ``size`` x ``size`` uint8 tensor, in this process.
+
+    Decoding up front (not inside DataLoader workers) means a corrupt file stops the run with one line naming it,
+    or -- with ``skip_corrupt`` -- is skipped and counted.
+    """
+    if len(domain) == 0:
+        raise DataError(f"domain {domain.name}: no images found")
+    out = torch.empty((len(domain), channels, size, size), dtype=torch.uint8)
+    keep: list[int] = []
+    skipped: list[str] = []
+    iterator = range(len(domain))
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(iterator, desc=f"decode {domain.name}", leave=False, mininterval=1.0)
+    for i in iterator:
+        try:
+            img = domain.read(i)
+            img.load()
+            img = to_pil_mode(img, channels)
+        except DataError:
+            raise
+        except Exception as e:  # PIL raises many types for broken files
+            if skip_corrupt:
+                skipped.append(domain.ids[i])
+                continue
+            raise DataError(f"{domain.ids[i]}: cannot read image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.uint8)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        out[len(keep)] = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        keep.append(i)
+    if skipped:
+        LOG.warning("domain %s: skipped %d corrupt image(s), first: %s", domain.name, len(skipped), skipped[0])
+    if not keep:
+        raise DataError(f"domain {domain.name}: no readable images")
+    labels = None
+    if domain.labels is not None:
+        labels = torch.tensor([domain.labels[i] for i in keep], dtype=torch.long)
+    return ImageTensors(domain.name, out[: len(keep)].clone() if skipped else out, labels,
+                        [domain.ids[i] for i in keep], domain.classes)
+
+
+def check_same_classes(source: Domain | ImageTensors, target: Domain | ImageTensors) -> None:
+    """Source and target-test must name the same classes (by name, in any order is *not* accepted silently)."""
+    a, b = source.classes, target.classes
+    if a is None or b is None:
+        return
+    if a != b:
+        only_a = sorted(set(a) - set(b))
+        only_b = sorted(set(b) - set(a))
+        if not only_a and not only_b:
+            raise DataError(f"class order differs between {source.name} and {target.name}")
+        raise DataError(
+            f"class lists differ: only in {source.name}: {only_a or 'none'}; only in {target.name}: {only_b or 'none'}")
