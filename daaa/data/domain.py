@@ -139,3 +139,18 @@ def check_same_classes(source: Domain | ImageTensors, target: Domain | ImageTens
             raise DataError(f"class order differs between {source.name} and {target.name}")
         raise DataError(
             f"class lists differ: only in {source.name}: {only_a or 'none'}; only in {target.name}: {only_b or 'none'}")
+
+
+def fingerprint(*tensors: torch.Tensor | None) -> str:
+    """SHA-256 of the tensors' bytes: the identity of a data set in a stage's cache key."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none")
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,159 @@
+"""Attention maps (Eq. 4) and the attention alignment penalty L_AT (Eq. 5), Sec. 3.2.
+
+Usable in any training loop::
+
+    from daaa import AttentionAlignmentLoss, FeatureRecorder
+
+    align = AttentionAlignmentLoss()                      # L2 between normalised maps, Eq. 5
+    with FeatureRecorder(source_net, layers) as src, FeatureRecorder(target_net, layers) as tgt:
+        with torch.no_grad():
+            source_net(x_anchor)                          # e.g. x^S, or x^S paired with G_ST(x^S)
+        logits = target_net(x_paired)
+        loss_at = align(src.features, tgt.features)       # sum over layers and pairs
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+AttentionKind = Literal["l2", "l1", "linf", "fm"]
+Discrepancy = Literal["l2", "l1", "mmd", "jmmd"]
+
+
+def attention_map(features: torch.Tensor, kind: AttentionKind = "l2") -> torch.Tensor:
+    """Vectorised, L2-normalised attention map of conv features (N, C, H, W) -> (N, H*W).
+
+    ``"l2"`` is the paper's Eq. 4, A(x) = sum_c |F_c(x)|^2, divided by its L2 norm as in Eq. 5.
+    The variants of Table A1: ``"l1"`` = sum_c |F_c|, ``"linf"`` = max_c |F_c|, ``"fm"`` = the raw feature maps
+    flattened to (N, C*H*W). Computed in float32 whatever the autocast dtype: squares of bf16 activations lose
+    the small values that the normalisation then amplifies.
+    """
+    f = features.float()
+    if kind == "l2":
+        a = f.pow(2).sum(dim=1)
+    elif kind == "l1":
+        a = f.abs().sum(dim=1)
+    elif kind == "linf":
+        a = f.abs().amax(dim=1)
+    elif kind == "fm":
+        a = f
+    else:
+        raise ValueError(f"unknown attention kind {kind!r} (l2, l1, linf, fm)")
+    return F.normalize(a.flatten(1), p=2, dim=1, eps=1e-12)
+
+
+class FeatureRecorder:
+    """Records the outputs of named layers of a network during its forward passes (forward hooks).
+
+    ``features`` holds the outputs of the last forward, in the order of ``layers``. A context manager, so the
+    hooks never outlive their use.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]):
+        modules = dict(model.named_modules())
+        missing = [n for n in layers if n not in modules]
+        if missing:
+            raise KeyError(f"model has no layer(s) {missing}")
+        self._slots: dict[str, torch.Tensor] = {}
+        self.layers = list(layers)
+        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in layers]
+
+    def _hook(self, name: str):
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            self._slots[name] = output
+        return hook
+
+    @property
+    def features(self) -> list[torch.Tensor]:
+        return [self._slots[n] for n in self.layers]
+
+    def clear(self) -> None:
+        self._slots.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._slots.clear()
+
+    def __enter__(self) -> "FeatureRecorder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def pair_distances(source_maps: torch.Tensor, target_maps: torch.Tensor,
+                   discrepancy: Literal["l2", "l1"] = "l2") -> torch.Tensor:
+    """Per-pair distance between normalised maps (N, D) x (N, D) -> (N,): the summand of Eq. 5.
+
+    ``"l2"`` is the paper's (not squared) L2 distance; ``"l1"`` the L1 distance of Table 4.
+    """
+    diff = source_maps - target_maps
+    if discrepancy == "l2":
+        # sqrt of a clamped sum: the gradient of ||0||_2 would be NaN for identical maps
+        return diff.pow(2).sum(dim=1).clamp_min(1e-12).sqrt()
+    if discrepancy == "l1":
+        return diff.abs().sum(dim=1)
+    raise ValueError(f"not a per-pair discrepancy: {discrepancy!r}")
+
+
+class AttentionAlignmentLoss(nn.Module):
+    """L_AT of Eq. 5: sum over aligned layers l and pairs of || A^S_l / |A^S_l| - A^T_l / |A^T_l| ||_2.
+
+    ``forward(source_features, target_features)`` takes, per layer, the source network's conv features of the
+    anchor images and the target network's conv features of the paired images (row k of one pairs with row k of
+    the other). The four pair terms of Eq. 5 are simply four groups of rows: (x^S, x^S), (x^S, G_ST(x^S)),
+    (G_TS(x^T), G_TS(x^T)) and (G_TS(x^T), x^T) -- see :func:`daaa.batches.MixedBatch.anchor_rows`.
+
+    ``discrepancy`` selects Table 4's measures: ``"l2"`` (paper), ``"l1"``, and the distribution distances
+    ``"mmd"`` (per layer) and ``"jmmd"`` (joint over layers), which ignore the pairing. ``reduction="sum"`` is
+    Eq. 5 literally; ``"mean"`` divides by the number of pairs. With ``weights`` (N,), pairs are weighted
+    (e.g. 0 for rows that do not take part).
+    """
+
+    def __init__(self, kind: AttentionKind = "l2", discrepancy: Discrepancy = "l2",
+                 reduction: Literal["sum", "mean"] = "sum"):
+        super().__init__()
+        self.kind = kind
+        self.discrepancy = discrepancy
+        self.reduction = reduction
+
+    def maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [attention_map(f, self.kind) for f in features]
+
+    def forward(self, source_features: Sequence[torch.Tensor], target_features: Sequence[torch.Tensor],
+                weights: torch.Tensor | None = None, source_are_maps: bool = False) -> torch.Tensor:
+        src = list(source_features) if source_are_maps else self.maps(source_features)
+        tgt = self.maps(target_features)
+        return self.from_maps(src, tgt, weights)
+
+    def from_maps(self, source_maps: Sequence[torch.Tensor], target_maps: Sequence[torch.Tensor],
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+        """L_AT from already normalised maps (e.g. the frozen source net's cached maps)."""
+        n = target_maps[0].shape[0]
+        if self.discrepancy in ("l2", "l1"):
+            per_pair = sum(pair_distances(s, t, self.discrepancy) for s, t in zip(source_maps, target_maps))
+            if weights is not None:
+                per_pair = per_pair * weights
+            total = per_pair.sum()
+        else:
+            from .baselines import jmmd, mmd
+
+            if weights is not None:  # distribution distances use the rows that take part only
+                keep = weights > 0
+                source_maps = [s[keep] for s in source_maps]
+                target_maps = [t[keep] for t in target_maps]
+                n = int(keep.sum())
+            if n < 2:
+                return target_maps[0].new_zeros(())
+            if self.discrepancy == "mmd":
+                dist = sum(mmd(s, t) for s, t in zip(source_maps, target_maps))
+            else:
+                dist = jmmd(list(source_maps), list(target_maps))
+            total = dist * n  # on the scale of a per-pair sum, so beta means the same across measures
+        return total / max(n, 1) if self.reduction == "mean" else total

@@ -1,0 +1,142 @@
+"""Mixed-domain mini-batches of real source S, synthetic target T_f, real target T, synthetic source S_f.
+
+Supplementary Sec. 1 fixes the proportions at 0.35 / 0.15 / 0.35 / 0.15. Pairs are kept together: the T_f rows of
+a batch are the translations G_ST(x^S) of its first S rows, and the S_f rows are G_TS(x^T) of its first T rows, so
+every pair term of Eq. 5 finds both of its images in the batch (or in the frozen source net's cache).
+
+Sampling is a pure function of (seed, step): each stream walks through an endless sequence of seeded
+permutations, so a resumed run draws exactly the batches of an uninterrupted one, and every DDP rank computes the
+same global batch and keeps its own shard of rows (``rank::world``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+STREAM_ORDER = ("S", "Tf", "T", "Sf")
+
+
+def stream_counts(batch_size: int, proportions: list[float], train_data: str) -> dict[str, int]:
+    """Rows per stream in a global batch: proportions renormalised over the streams trained on, rounded so the
+    counts add up to ``batch_size`` (largest remainder), with paired streams never outnumbering their partner."""
+    active = set(train_data.split("+"))
+    weights = {s: (p if s in active else 0.0) for s, p in zip(STREAM_ORDER, proportions)}
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError(f"proportions {proportions} give no rows to {train_data}")
+    exact = {s: batch_size * w / total for s, w in weights.items()}
+    counts = {s: int(v) for s, v in exact.items()}
+    for s in sorted(STREAM_ORDER, key=lambda s: exact[s] - counts[s], reverse=True)[: batch_size - sum(counts.values())]:
+        counts[s] += 1
+    for a, b in (("Tf", "S"), ("Sf", "T")):
+        if a in active and b in active and counts[a] > counts[b]:
+            counts[a], counts[b] = counts[b], counts[a]
+    return counts
+
+
+class IndexStream:
+    """Endless sampling without replacement from ``n`` items: positions [k, k + m) of a chain of permutations."""
+
+    def __init__(self, n: int, seed: int, stream_id: int):
+        self.n, self.seed, self.stream_id = n, seed, stream_id
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.stream_id * 7_919 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        out = []
+        pos = start
+        while len(out) < count:
+            epoch, offset = divmod(pos, self.n)
+            chunk = self._permutation(epoch)[offset: offset + count - len(out)]
+            out.extend(chunk.tolist())
+            pos += len(chunk)
+        return torch.tensor(out, dtype=torch.long)
+
+
+@dataclass
+class MixedBatch:
+    """Indices of one (local) mixed batch. Rows of the concatenated batch are ordered S | Tf | T | Sf.
+
+    ``source_idx`` index S (labels y^S); ``tf_idx`` index S too: row j of Tf is G_ST(x^S[tf_idx[j]]) and carries its
+    label; ``target_idx`` index T; ``sf_idx`` index T: row m of Sf is G_TS(x^T[sf_idx[m]]).
+    """
+
+    source_idx: torch.Tensor
+    tf_idx: torch.Tensor
+    target_idx: torch.Tensor
+    sf_idx: torch.Tensor
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"S": len(self.source_idx), "Tf": len(self.tf_idx), "T": len(self.target_idx), "Sf": len(self.sf_idx)}
+
+    def slices(self) -> dict[str, slice]:
+        out, start = {}, 0
+        for s, n in self.counts.items():
+            out[s] = slice(start, start + n)
+            start += n
+        return out
+
+    def paired_target_rows(self) -> int:
+        """How many leading T rows are the real counterparts of this batch's Sf rows."""
+        n = len(self.sf_idx)
+        if n and len(self.target_idx) >= n and torch.equal(self.target_idx[:n], self.sf_idx):
+            return n
+        return 0
+
+    def anchor_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pairs of Eq. 5 as (target_rows, anchor_source_idx, anchor_sf_idx).
+
+        Row ``target_rows[k]`` of the batch goes through the target network; its anchor goes through the frozen
+        source network: for the first ``len(anchor_source_idx)`` pairs the real source image S[anchor_source_idx],
+        for the rest the synthetic source image S_f[anchor_sf_idx]. In Eq. 5's terms:
+        S rows (x^S_i, x^S_i), Tf rows (x^S_j, G_ST(x^S_j)), Sf rows (G_TS(x^T_m), G_TS(x^T_m)), and the T rows
+        paired with Sf rows (G_TS(x^T_n), x^T_n).
+        """
+        sl = self.slices()
+        n_pair = self.paired_target_rows()
+        t0 = sl["T"].start
+        target_rows = torch.cat([
+            torch.arange(sl["S"].start, sl["Tf"].stop),
+            torch.arange(sl["Sf"].start, sl["Sf"].stop),
+            torch.arange(t0, t0 + n_pair),
+        ])
+        anchor_source_idx = torch.cat([self.source_idx, self.tf_idx])
+        anchor_sf_idx = torch.cat([self.sf_idx, self.target_idx[:n_pair]])
+        return target_rows, anchor_source_idx, anchor_sf_idx
+
+
+class MixedBatchSampler:
+    """Draws the global mixed batch of a step and returns this rank's shard of it."""
+
+    def __init__(self, n_source: int, n_target: int, batch_size: int, proportions: list[float], train_data: str,
+                 seed: int, rank: int = 0, world_size: int = 1):
+        self.counts = stream_counts(batch_size, proportions, train_data)
+        self.rank, self.world_size = rank, world_size
+        self.source = IndexStream(n_source, seed, 1)
+        self.target = IndexStream(n_target, seed, 2)
+        # Tf and Sf only get streams of their own when their partners are not trained on
+        self.tf_stream = IndexStream(n_source, seed, 3)
+        self.sf_stream = IndexStream(n_target, seed, 4)
+
+    def global_batch(self, step: int) -> MixedBatch:
+        c = self.counts
+        s = self.source.take(step * c["S"], c["S"])
+        t = self.target.take(step * c["T"], c["T"])
+        tf = s[: c["Tf"]] if c["S"] >= c["Tf"] and c["S"] else self.tf_stream.take(step * c["Tf"], c["Tf"])
+        sf = t[: c["Sf"]] if c["T"] >= c["Sf"] and c["T"] else self.sf_stream.take(step * c["Sf"], c["Sf"])
+        return MixedBatch(s, tf, t, sf)
+
+    def batch(self, step: int) -> MixedBatch:
+        g = self.global_batch(step)
+        if self.world_size == 1:
+            return g
+        r, w = self.rank, self.world_size
+        return MixedBatch(g.source_idx[r::w], g.tf_idx[r::w], g.target_idx[r::w], g.sf_idx[r::w])

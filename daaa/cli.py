@@ -1,0 +1,265 @@
+"""The `daaa` command line. Every command takes --preset NAME and --set key=value overrides of the typed config.
+
+Errors in input (paths, data, options) end with exit status 2 and one line on stderr; --debug shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .errors import DaaaError
+
+LOG = logging.getLogger("daaa")
+
+
+def _common(p: argparse.ArgumentParser, preset: str = "digits") -> None:
+    p.add_argument("--preset", default=preset, help=f"configuration preset name or YAML file (default: {preset})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set adapt.beta=0.5 (repeatable)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _domains(p: argparse.ArgumentParser, target: bool = True) -> None:
+    p.add_argument("--source", required=True, help="labelled source: folder ROOT/<class>/<image> or a built-in "
+                   "(demo, mnist, mnistm, office31:amazon, sklearn-digits)")
+    if target:
+        p.add_argument("--target", required=True, help="unlabelled target training images: folder (flat or by class; "
+                       "labels are ignored) or a built-in")
+    p.add_argument("--target-test", help="labelled target test set for evaluation (folder or built-in)")
+
+
+def _out(p: argparse.ArgumentParser, required: bool = True, default: str | None = None) -> None:
+    p.add_argument("--out", required=required, default=default, help="run folder (created; re-running resumes)")
+    p.add_argument("--overwrite", action="store_true", help="discard stages made by another config in --out")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="daaa", description="Deep Adversarial Attention Alignment for UDA "
+                                     "(Kang et al., ECCV 2018)")
+    parser.add_argument("--version", action="version", version=f"daaa {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train-source", help="train the source network (source-only baseline)")
+    _domains(p, target=False)
+    _out(p)
+    _common(p)
+
+    p = sub.add_parser("translate", help="train CycleGAN and write T_f = G_ST(S), S_f = G_TS(T) (Sec. 3.1)")
+    _domains(p)
+    _out(p)
+    _common(p)
+
+    for name, text in (("adapt", "translate if needed, train the source net, then the target net with Eq. 12"),
+                       ("run", "the whole pipeline: translate, source network, adapt, evaluate")):
+        p = sub.add_parser(name, help=text)
+        _domains(p)
+        _out(p)
+        p.add_argument("--synthetic-target", help="folder of your own translated source images (T_f) instead of CycleGAN")
+        p.add_argument("--synthetic-source", help="folder of your own translated target images (S_f)")
+        _common(p)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded demo pair (no download, no argument)")
+    _out(p, required=False, default="runs/demo")
+    _common(p, preset="digits-cpu")
+
+    p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a trained network")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--stage", default="adapt", help="which stage's network (adapt, source, or a table row folder)")
+    p.add_argument("--target-test", required=True, help="labelled test set (folder or built-in)")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("data", help="data utilities: build MNIST-M, export the demo pair as folders")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("make-mnistm", help="build MNIST-M (public layout) from MNIST and a folder of photos")
+    q.add_argument("--out", required=True, help="data root; MNIST-M is written to OUT/mnist_m")
+    q.add_argument("--backgrounds", help="folder of photos (e.g. BSDS500); default: photos shipped by installed packages")
+    q.add_argument("--mnist-root", help="where MNIST's IDX files are (default: the data root)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--debug", action="store_true")
+    q = dsub.add_parser("export-demo", help="write the embedded demo pair as image folders")
+    q.add_argument("--out", required=True)
+    q.add_argument("--debug", action="store_true")
+    return parser
+
+
+def _config(args: argparse.Namespace):
+    from .config import load_config
+
+    cfg = load_config(args.preset, args.overrides)
+    if getattr(args, "quiet", False):
+        cfg.runtime.progress = False
+    return cfg
+
+
+def _start(args: argparse.Namespace, cfg) -> tuple[Path, Any]:
+    """Set up the process (torchrun-aware), the run folder, its log and resolved config."""
+    from . import distributed
+    from .runs import prepare_run_dir, save_config, setup_logging
+
+    ctx = distributed.setup(cfg.runtime)
+    run_dir = prepare_run_dir(args.out) if ctx.is_main else Path(args.out)
+    ctx.barrier()
+    setup_logging(run_dir if ctx.is_main else None, verbose=ctx.is_main)
+    if ctx.is_main:
+        save_config(run_dir, cfg.to_dict())
+        LOG.info("daaa %s: %s in %s (preset %s, seed %d, %s, world size %d)", __version__, args.command, run_dir,
+                 cfg.preset, cfg.runtime.seed, ctx.device, ctx.world_size)
+    return run_dir, ctx
+
+
+def cmd_train_source(args: argparse.Namespace) -> int:
+    from . import pipeline
+
+    cfg = _config(args)
+    run_dir, ctx = _start(args, cfg)
+    data = pipeline.load_data(cfg, args.source, None, args.target_test)
+    _, result = pipeline.train_source(run_dir, cfg, data, ctx, args.overwrite)
+    if ctx.is_main and "target_test_accuracy" in result:
+        print(f"source-only target-test accuracy: {result['target_test_accuracy'] * 100:.2f}%  (run folder: {run_dir})")
+    return 0
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from . import pipeline
+
+    cfg = _config(args)
+    run_dir, ctx = _start(args, cfg)
+    if args.overwrite and (run_dir / "translate").exists():
+        import shutil
+        shutil.rmtree(run_dir / "translate")
+    data = pipeline.load_data(cfg, args.source, args.target, args.target_test)
+    pipeline.translate(run_dir, cfg, data, ctx)
+    if ctx.is_main:
+        print(f"translated {len(data.source)} source and {len(data.target)} target images: {run_dir / 'translate'}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .experiments import run_pipeline
+
+    cfg = _config(args)
+    run_dir, ctx = _start(args, cfg)
+    metrics, _, _ = run_pipeline(run_dir, cfg, ctx, args.source, args.target, args.target_test,
+                           args.synthetic_target, args.synthetic_source, args.overwrite)
+    if ctx.is_main:
+        _print_summary(metrics, run_dir)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .experiments import run_demo
+
+    cfg = _config(args)
+    args.command = "demo"
+    run_dir, ctx = _start(args, cfg)
+    table = run_demo(run_dir, cfg, ctx, args.overwrite)
+    if ctx.is_main:
+        print(table)
+        print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import distributed
+    from .config import config_from_dict
+    from .data import load_domain_tensors
+    from .data.domain import check_same_classes
+    from .evaluate import evaluate, format_report
+    from .models import build_model
+    from .runs import atomic_write_json, read_json, setup_logging
+
+    import yaml
+
+    run = Path(args.run)
+    cfg_path, model_path = run / "config.yaml", run / args.stage / "model.pt"
+    for p in (cfg_path, model_path):
+        if not p.exists():
+            raise DaaaError(f"--run {run}: {p} does not exist (is the stage finished?)")
+    cfg = config_from_dict({k: v for k, v in yaml.safe_load(cfg_path.read_text()).items() if k != "preset"})
+    setup_logging(None, verbose=not args.quiet)
+    ctx = distributed.setup(cfg.runtime)
+    test = load_domain_tensors(args.target_test, "target_test", cfg.data)
+    if test.labels is None:
+        raise DaaaError(f"--target-test {args.target_test}: needs labels (layout ROOT/<class>/<image>)")
+    classes = read_json(run / args.stage / "stage.json").get("result", {}).get("classes")
+    if classes:
+        check_same_classes(type("D", (), {"classes": classes, "name": "the trained network"})(), test)
+    model = build_model(cfg.model, len(test.classes), cfg.data.channels, cfg.data.image_size)
+    model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+    metrics = evaluate(model.to(ctx.device), test, cfg.data, ctx)
+    print(format_report(metrics, title=f"{run}/{args.stage} on {test.name}: "))
+    if args.json:
+        atomic_write_json(args.json, metrics)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .runs import setup_logging
+
+    setup_logging(None)
+    if args.data_command == "make-mnistm":
+        from .data.mnist import folder_backgrounds, make_mnistm_from_mnist
+
+        bgs = folder_backgrounds(args.backgrounds) if args.backgrounds else None
+        out = make_mnistm_from_mnist(args.out, backgrounds=bgs, seed=args.seed, mnist_root=args.mnist_root)
+        print(f"MNIST-M written to {out}")
+    else:
+        from .config import DataConfig
+        from .data.demo import demo_pair, export_domain
+
+        parts = demo_pair(DataConfig())
+        for name, dom in (("source", parts["source"]), ("target", parts["target"]), ("target_test", parts["target_test"])):
+            export_domain(dom, Path(args.out) / name)
+        print(f"demo pair written to {args.out}/{{source,target,target_test}}")
+    return 0
+
+
+def _print_summary(metrics: dict, run_dir: Path) -> None:
+    rows = [("source only", metrics.get("source_only", {}).get("target_test_accuracy")),
+            ("DAAA", metrics.get("daaa", {}).get("target_test_accuracy"))]
+    for name, acc in rows:
+        if acc is not None:
+            print(f"{name:>12s}: {acc * 100:.2f}% target-test accuracy")
+    print(f"run folder: {run_dir}")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train-source": cmd_train_source, "translate": cmd_translate, "adapt": cmd_run, "run": cmd_run,
+    "demo": cmd_demo, "evaluate": cmd_evaluate, "data": cmd_data,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        return COMMANDS[args.command](args)
+    except DaaaError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"daaa: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("daaa: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    finally:
+        from .distributed import cleanup
+        cleanup()
+        LOG.debug("command took %.1f s", time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Batched tensor transforms on decoded uint8 images: normalisation, random crop + flip, centre crop.
+
+Images are decoded once (see :func:`daaa.data.domain.load_tensors`); augmentation is done here, on whole batches,
+with a generator seeded per step so that a resumed run draws the same crops as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import DataConfig
+
+
+def normalize(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float, (x / 255 - mean) / std per channel."""
+    c = images.shape[1]
+    mean = torch.tensor(cfg.mean[:c], device=images.device).view(1, c, 1, 1)
+    std = torch.tensor(cfg.std[:c], device=images.device).view(1, c, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = images.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return images[..., top:top + size, left:left + size]
+
+
+def crop_params(n: int, load_size: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, 3) rows of (top, left, flip) for :func:`random_crop_flip`; drawn once per batch so that the two images
+    of an attention pair can be cropped alike."""
+    tops = torch.randint(0, load_size - size + 1, (n,), generator=generator)
+    lefts = torch.randint(0, load_size - size + 1, (n,), generator=generator)
+    flips = (torch.rand(n, generator=generator) < 0.5).long()
+    return torch.stack([tops, lefts, flips], dim=1)
+
+
+def random_crop_flip(images: torch.Tensor, size: int, params: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``size`` crop and horizontal flip (the usual Office-31 training augmentation)."""
+    tops, lefts, flips = params.unbind(1)
+    n = images.shape[0]
+    out = torch.empty((*images.shape[:2], size, size), dtype=images.dtype, device=images.device)
+    for i in range(n):  # n crops of different offsets: a gather would need an index tensor as large as the batch
+        crop = images[i, :, tops[i]:tops[i] + size, lefts[i]:lefts[i] + size]
+        out[i] = crop.flip(-1) if flips[i] else crop
+    return out
+
+
+def prepare(images: torch.Tensor, cfg: DataConfig, train: bool = False, crops: torch.Tensor | None = None,
+            device: torch.device | None = None, channels_last: bool = False) -> torch.Tensor:
+    """uint8 batch -> normalised float batch on ``device`` at ``cfg.image_size``.
+
+    Training batches with ``cfg.augment`` are cropped and flipped by ``crops`` (from :func:`crop_params`);
+    everything else is centre-cropped.
+    """
+    if train and cfg.augment and crops is not None:
+        images = random_crop_flip(images, cfg.image_size, crops)
+    elif images.shape[-1] != cfg.image_size:
+        images = center_crop(images, cfg.image_size)
+    if device is not None:
+        images = images.to(device, non_blocking=True)
+    x = normalize(images, cfg)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

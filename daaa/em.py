@@ -1,0 +1,91 @@
+"""Training with EM on unlabelled target data (Sec. 3.3, Eq. 8-11) and its three stabilising modifications.
+
+* (E-step, Eq. 8-10) the posterior p(z | x^T) comes from a posterior network M_post, a copy of the target
+  network synchronised every N steps: theta^post_t = theta_{floor(t/N) * N}  -- modification A;
+* samples whose max_z p(z | x^T) is below the threshold p_t are dropped                -- modification B;
+* the learning-rate schedule restarts after every sync (see :func:`daaa.optim.schedule_step`) -- modification C;
+* (M-step, Eq. 11) L_EM = -sum_i sum_z p_post(z | x_i^T) log p_theta(z | x_i^T)
+                          -sum_j sum_z p_post(z | x_j^T) log p_theta(z | G_TS(x_j^T)),
+  i.e. a synthetic source image uses the posterior of its real target image.
+
+Ablations of Table 3: EM-A (``async_posterior=False``: the posterior is the current network's, detached),
+EM-B (``filtering=False``), EM-C (``restart_schedule=False``, handled by the trainer's schedule).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def em_loss(logits: torch.Tensor, posterior: torch.Tensor, keep: torch.Tensor | None = None,
+            reduction: str = "sum") -> torch.Tensor:
+    """Eq. 11: cross-entropy of the network's prediction against the soft posterior p_post(z | x^T).
+
+    ``logits`` (N, K) of real target images or of their synthetic source images, ``posterior`` (N, K) of the
+    real target images, ``keep`` (N,) bool from :func:`confidence_mask`. ``reduction="sum"`` is Eq. 11 literally.
+    """
+    per_sample = -(posterior * F.log_softmax(logits.float(), dim=1)).sum(dim=1)
+    if keep is not None:
+        per_sample = per_sample * keep.to(per_sample.dtype)
+    if reduction == "sum":
+        return per_sample.sum()
+    n = per_sample.new_tensor(float(per_sample.shape[0]) if keep is None else keep.sum().clamp_min(1).item())
+    return per_sample.sum() / n
+
+
+def confidence_mask(posterior: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Modification B: keep a sample when max_z p(z | x) >= p_t.
+
+    A threshold of 1 keeps none: the paper sets p_t = 1 before the first sync so that the network first learns
+    from labelled data only (Supplementary Sec. 1); a float32 softmax may round to exactly 1.0, which must not
+    sneak samples in.
+    """
+    if threshold >= 1.0:
+        return torch.zeros(posterior.shape[0], dtype=torch.bool, device=posterior.device)
+    return posterior.max(dim=1).values >= threshold
+
+
+class PosteriorNetwork(nn.Module):
+    """M_post: a frozen copy of the target network, re-synchronised every ``sync_interval`` (N) steps.
+
+    Because M_post only changes at a sync, the trainer computes its posteriors of all real target images once per
+    sync (:meth:`posteriors`) and looks them up by index: nothing that cannot change is recomputed.
+    """
+
+    def __init__(self, target_net: nn.Module, sync_interval: int):
+        super().__init__()
+        self.net = copy.deepcopy(target_net).eval()
+        self.net.requires_grad_(False)
+        self.sync_interval = sync_interval
+        self.last_sync_step = 0
+        self.syncs = 0
+
+    def due(self, step: int) -> bool:
+        """A sync happens at steps N, 2N, ... (theta^post_t = theta_{floor(t/N) N})."""
+        return step > 0 and step % self.sync_interval == 0
+
+    @torch.no_grad()
+    def sync(self, target_net: nn.Module, step: int) -> None:
+        self.net.load_state_dict(target_net.state_dict())
+        self.last_sync_step = step
+        self.syncs += 1
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """p_{theta^post}(z | x), Eq. 8 with uniform p(z) and p(x): the softmax output of M_post."""
+        return F.softmax(self.net(x).float(), dim=1)
+
+    def threshold(self, confidence_threshold: float, initial_confidence_threshold: float) -> float:
+        """p_t in force: the initial threshold until the first sync, then the regular one."""
+        return initial_confidence_threshold if self.syncs == 0 else confidence_threshold
+
+    def extra_state(self) -> dict:
+        return {"last_sync_step": self.last_sync_step, "syncs": self.syncs}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.last_sync_step = state["last_sync_step"]
+        self.syncs = state["syncs"]

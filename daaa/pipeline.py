@@ -1,0 +1,185 @@
+"""The whole method as stages of a run folder: data -> translate (Sec. 3.1) -> source network -> adapt (Eq. 12).
+
+Each stage records its key (the config sections and input fingerprints that decide its result); a finished stage
+with the same key is reused, an unfinished one resumes from its checkpoint. Commands in :mod:`daaa.cli` and the
+experiments in :mod:`daaa.experiments` are compositions of these functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .config import AdaptConfig, Config
+from .data import load_domain_tensors
+from .data.domain import ImageTensors, check_same_classes, fingerprint
+from .distributed import Context
+from .errors import DaaaError
+from .models import build_model
+from .runs import Stage, atomic_torch_save, update_metrics
+from .trainers.adapt import DAAATrainer, DomainData
+
+LOG = logging.getLogger("daaa")
+
+
+@dataclass
+class RunData:
+    source: ImageTensors
+    target_test: ImageTensors | None
+    target: ImageTensors | None = None
+    synthetic_target: torch.Tensor | None = None
+    synthetic_source: torch.Tensor | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def domain_data(self) -> DomainData:
+        return DomainData(self.source, self.target, self.synthetic_target, self.synthetic_source, self.target_test)
+
+
+def load_data(cfg: Config, source: str, target: str | None, target_test: str | None) -> RunData:
+    t0 = time.perf_counter()
+    src = load_domain_tensors(source, "source", cfg.data)
+    if src.labels is None:
+        raise DaaaError(f"--source {source}: the source domain needs labels (layout ROOT/<class>/<image>)")
+    test = load_domain_tensors(target_test, "target_test", cfg.data) if target_test else None
+    if test is not None:
+        if test.labels is None:
+            raise DaaaError(f"--target-test {target_test}: the target test set needs labels (layout ROOT/<class>/<image>)")
+        check_same_classes(src, test)
+    tgt = load_domain_tensors(target, "target", cfg.data) if target else None
+    data = RunData(src, test, tgt)
+    data.seconds["load_data"] = time.perf_counter() - t0
+    LOG.info("data: source %s (%d images, %d classes), target %s, target-test %s", src.name, len(src),
+             len(src.classes or []), f"{tgt.name} ({len(tgt)})" if tgt else "-", f"{test.name} ({len(test)})" if test else "-")
+    return data
+
+
+def _num_classes(data: RunData) -> int:
+    return len(data.source.classes) if data.source.classes else int(data.source.labels.max()) + 1
+
+
+def new_model(cfg: Config, data: RunData) -> nn.Module:
+    torch.manual_seed(cfg.runtime.seed)  # the same initial weights whatever ran before in this process
+    return build_model(cfg.model, _num_classes(data), cfg.data.channels, cfg.data.image_size)
+
+
+def source_spec(cfg: Config) -> AdaptConfig:
+    """Source-only training as a special case of Eq. 12: the S stream alone, no EM, no L_AT."""
+    s = cfg.source
+    return AdaptConfig(steps=s.steps, batch_size=s.batch_size, train_data="S", beta=0.0, optim=s.optim,
+                       eval_interval=s.eval_interval, checkpoint_interval=s.checkpoint_interval,
+                       init_from_source=False)
+
+
+def _stage(run_dir: Path, name: str, key: dict[str, Any], overwrite: bool = False) -> Stage:
+    stage = Stage(run_dir, name, key)
+    if overwrite and stage.dir.exists():
+        import shutil
+        shutil.rmtree(stage.dir)
+    stage.check_compatible()
+    return stage
+
+
+def train_source(run_dir: Path, cfg: Config, data: RunData, ctx: Context, overwrite: bool = False) -> tuple[nn.Module, dict]:
+    """Train the source network on S (the "CNN, S" row; the frozen guide of L_AT). Reused when already done."""
+    key = {"source": dataclasses.asdict(cfg.source), "model": dataclasses.asdict(cfg.model),
+           "data": _data_key(cfg), "seed": cfg.runtime.seed,
+           "inputs": [fingerprint(data.source.images, data.source.labels)]}
+    stage = _stage(run_dir, "source", key, overwrite)
+    model = new_model(cfg, data)
+    done = stage.done()
+    if done is not None:
+        model.load_state_dict(torch.load(stage.dir / "model.pt", map_location="cpu", weights_only=True))
+        LOG.info("source: reusing the finished stage in %s", stage.dir)
+        return model, done
+    if ctx.is_main:
+        stage.begin()
+    t0 = time.perf_counter()
+    trainer = DAAATrainer(source_spec(cfg), cfg.data, DomainData(data.source, target_test=data.target_test), ctx,
+                          stage, model, None, cfg.runtime.seed, cfg.runtime.progress, desc="source")
+    result = trainer.fit()
+    result["seconds"] = time.perf_counter() - t0
+    if ctx.is_main:
+        atomic_torch_save({k: v.cpu() for k, v in model.state_dict().items()}, stage.dir / "model.pt")
+        stage.finish(_strip(result))
+        if "target_test_accuracy" in result:
+            update_metrics(run_dir, {"source_only": {"target_test_accuracy": result["target_test_accuracy"],
+                                                     "oracle_best_accuracy": result["oracle_best_accuracy"]},
+                                     "seconds": {"source": result["seconds"]}})
+    ctx.barrier()
+    return model, result
+
+
+def translate(run_dir: Path, cfg: Config, data: RunData, ctx: Context, tf_dir: str | None = None,
+              sf_dir: str | None = None) -> RunData:
+    """Fill in T_f = G_ST(S) and S_f = G_TS(T): CycleGAN (trained and cached in RUN/translate), or user folders."""
+    from .translate import load_translation_folders, run_translation
+
+    if data.target is None:
+        raise DaaaError("translation needs a target domain (--target)")
+    if tf_dir or sf_dir:
+        if not (tf_dir and sf_dir):
+            raise DaaaError("--synthetic-target and --synthetic-source must be given together")
+        tr = load_translation_folders(tf_dir, sf_dir, data.source, data.target, cfg.data.load_size, cfg.data.channels)
+    else:
+        tr = run_translation(run_dir, cfg, data.source, data.target, ctx.device, cfg.runtime.progress)
+        if ctx.is_main:
+            update_metrics(run_dir, {"seconds": {"translate": sum(tr.seconds.values())}})
+    data.synthetic_target, data.synthetic_source = tr.synthetic_target, tr.synthetic_source
+    return data
+
+
+def adapt(run_dir: Path, cfg: Config, data: RunData, ctx: Context, source_model: nn.Module,
+          stage_name: str = "adapt", spec: AdaptConfig | None = None, overwrite: bool = False,
+          desc: str | None = None) -> tuple[nn.Module, dict]:
+    """Train the target network with Eq. 12, starting from the fine-tuned source network. Reused when done."""
+    spec = spec or cfg.adapt
+    key = {"adapt": dataclasses.asdict(spec), "source": dataclasses.asdict(cfg.source),
+           "model": dataclasses.asdict(cfg.model), "data": _data_key(cfg), "seed": cfg.runtime.seed,
+           "inputs": [fingerprint(data.source.images, data.source.labels),
+                      fingerprint(data.target.images if data.target else None),
+                      fingerprint(data.synthetic_target, data.synthetic_source)]}
+    stage = _stage(run_dir, stage_name, key, overwrite)
+    model = new_model(cfg, data)
+    if spec.init_from_source:
+        model.load_state_dict(source_model.state_dict())
+    done = stage.done()
+    if done is not None:
+        model.load_state_dict(torch.load(stage.dir / "model.pt", map_location="cpu", weights_only=True))
+        LOG.info("%s: reusing the finished stage in %s", stage_name, stage.dir)
+        return model, done
+    if ctx.is_main:
+        stage.begin()
+    guide = None
+    if data.synthetic_target is not None and data.synthetic_source is not None:
+        guide = new_model(cfg, data)
+        guide.load_state_dict(source_model.state_dict())
+    t0 = time.perf_counter()
+    trainer = DAAATrainer(spec, cfg.data, data.domain_data(), ctx, stage, model, guide, cfg.runtime.seed,
+                          cfg.runtime.progress, desc=desc or stage_name)
+    result = trainer.fit()
+    result["seconds"] = time.perf_counter() - t0
+    result["train_data"], result["beta"] = spec.train_data, spec.beta
+    if ctx.is_main:
+        atomic_torch_save({k: v.cpu() for k, v in model.state_dict().items()}, stage.dir / "model.pt")
+        stage.finish(_strip(result))
+    ctx.barrier()
+    return model, result
+
+
+def _data_key(cfg: Config) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg.data)
+    for k in ("data_root", "download"):  # where data came from does not change the result; its fingerprint does
+        d.pop(k)
+    return d
+
+
+def _strip(result: dict[str, Any]) -> dict[str, Any]:
+    """Stage records keep scalars and curves; the confusion matrix lives in metrics.json only."""
+    return {k: v for k, v in result.items() if k != "target_test"}

@@ -1,0 +1,109 @@
+"""The step loop every trainer shares: progress, history, TensorBoard, periodic evaluation, atomic checkpoints,
+resume after a crash, and the NaN guard. It holds no math: the trainer's ``step_fn`` does one optimisation step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import Any, Callable
+
+import torch
+
+from ..distributed import Context
+from ..errors import NonFiniteLossError
+from ..runs import Stage, atomic_write_text
+
+LOG = logging.getLogger("daaa")
+
+
+def guard_finite(step: int, terms: dict[str, torch.Tensor], stage: Stage | None = None) -> None:
+    """Stop before a NaN or infinite loss term reaches the weights; the last good checkpoint stays."""
+    for name, value in terms.items():
+        v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+        if not math.isfinite(v):
+            where = f"; last good checkpoint: {stage.checkpoint_path}" if stage and stage.checkpoint_path.exists() else ""
+            raise NonFiniteLossError(f"step {step + 1}: loss term {name} is {v}{where}")
+
+
+class TrainingLoop:
+    """Runs ``step_fn(step) -> {name: value}`` for ``steps`` steps with checkpoints every ``checkpoint_interval``.
+
+    ``get_state()`` / ``set_state(state)`` give and take the trainer's whole state (models, optimiser, EM state),
+    which is saved with the step and the history; a loop whose stage folder holds a checkpoint resumes from it.
+    ``eval_fn(step)`` returns metrics merged into the history every ``eval_interval`` steps and at the end.
+    """
+
+    def __init__(self, stage: Stage, ctx: Context, steps: int, checkpoint_interval: int, eval_interval: int,
+                 progress: bool = True, desc: str = "train"):
+        self.stage, self.ctx, self.steps = stage, ctx, steps
+        self.checkpoint_interval, self.eval_interval = max(1, checkpoint_interval), max(1, eval_interval)
+        self.progress, self.desc = progress, desc
+        self.history: list[dict[str, Any]] = []
+        self.resumed_from = 0
+
+    def run(self, step_fn: Callable[[int], dict[str, Any]], get_state: Callable[[], dict],
+            set_state: Callable[[dict], None], eval_fn: Callable[[int], dict[str, Any]] | None = None) -> list[dict]:
+        start = 0
+        ckpt = self.stage.load_checkpoint(map_location=self.ctx.device)
+        if ckpt is not None:
+            set_state(ckpt["state"])
+            start, self.history = ckpt["step"], ckpt["history"]
+            self.resumed_from = start
+            LOG.info("%s: resuming from %s at step %d/%d", self.desc, self.stage.checkpoint_path, start, self.steps)
+        writer = self._tensorboard(start)
+        bar = None
+        if self.progress and self.ctx.is_main:
+            from tqdm import tqdm
+            bar = tqdm(total=self.steps, initial=start, desc=self.desc, dynamic_ncols=True, mininterval=1.0)
+        t0 = time.perf_counter()
+        try:
+            for step in range(start, self.steps):
+                record = {"step": step + 1, **{k: _to_float(v) for k, v in step_fn(step).items()}}
+                done = step + 1
+                if eval_fn is not None and (done % self.eval_interval == 0 or done == self.steps):
+                    record.update(eval_fn(done))
+                self.history.append(record)
+                if writer is not None:
+                    for k, v in record.items():
+                        if k != "step" and isinstance(v, (int, float)):
+                            writer.add_scalar(f"{self.desc}/{k}", v, done)
+                if bar is not None:
+                    bar.update(1)
+                    if done % 10 == 0 or done == self.steps:
+                        bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
+                                         if k != "step" and isinstance(v, float)}, refresh=False)
+                if done % self.checkpoint_interval == 0 or done == self.steps:
+                    self.save(done, get_state())
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+        LOG.info("%s: %d steps in %.1f s", self.desc, self.steps - start, time.perf_counter() - t0)
+        return self.history
+
+    def save(self, step: int, state: dict) -> None:
+        if not self.ctx.is_main:
+            return
+        self.stage.save_checkpoint({"step": step, "state": state, "history": self.history})
+        atomic_write_text(self.stage.dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+
+    def _tensorboard(self, start: int):
+        if not self.ctx.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard is a dependency, but a broken install must not stop training
+            LOG.warning("tensorboard unavailable: no event files for %s", self.desc)
+            return None
+        # purge_step drops events past the checkpoint, so a resumed run does not leave a duplicated tail
+        return SummaryWriter(str(self.stage.dir / "tb"), purge_step=start or None)
+
+
+def _to_float(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return float(v.detach())
+    return v
