@@ -14,7 +14,7 @@ from PIL import Image
 from daaa.config import DataConfig
 from daaa.data import (MNIST_FILES, OFFICE31_CLASSES, Domain, blend_mnistm, check_same_classes, demo_pair,
                        export_domain, flat_folder, image_folder, labelled_folder, load_domain_tensors, load_tensors,
-                       make_mnistm, mnist, mnistm, office31, resolve_domain, sklearn_digits)
+                       make_mnistm, make_mnistm_from_mnist, mnist, mnistm, office31, resolve_domain, sklearn_digits)
 from daaa.errors import DataError
 
 RNG = np.random.default_rng(123)
@@ -182,6 +182,10 @@ def test_mnist_from_idx_files(tmp_path: Path) -> None:
     assert len(test) == 4 and test.labels == [5, 6, 7, 8]
     t = load_tensors(test, 32, 3)
     assert t.images.shape == (4, 3, 32, 32)
+    out = make_mnistm_from_mnist(tmp_path / "built", download=False, backgrounds=[_rgb(30, 30)], mnist_root=tmp_path)
+    assert out == tmp_path / "built" / "mnist_m"
+    assert mnistm(tmp_path / "built", train=False).labels == [5, 6, 7, 8]
+    assert len(mnistm(tmp_path / "built", train=True)) == 6
 
 
 def test_mnist_missing_explains_placement(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ from .office31 import OFFICE31_CLASSES, OFFICE31_DOMAINS, office31
 
 Role = Literal["source", "target", "target_test"]
 ROLES = ("source", "target", "target_test")
+# the command-line option each role comes from, for error messages
+OPTIONS = {"source": "--source", "target": "--target", "target_test": "--target-test"}
 BUILTINS = "demo, mnist[:train|:test], mnistm[:train|:test], office31:amazon|dslr|webcam, sklearn-digits"
 
 __all__ = [
@@ -39,13 +41,13 @@ def _builtin(spec: str, role: Role, cfg: DataConfig) -> Domain | None:
         # The target's unlabelled training images come from the training split, its evaluation from the test split.
         split = arg or ("test" if role == "target_test" else "train")
         if split not in ("train", "test"):
-            raise DataError(f"--{role} {spec}: unknown split {split!r} (use {name}:train or {name}:test)")
+            raise DataError(f"{OPTIONS[role]} {spec}: unknown split {split!r} (use {name}:train or {name}:test)")
         if name == "mnist":
             return mnist(root, split == "train", cfg.download)
         return mnistm(root, split == "train")
     if name == "office31":
         if arg not in OFFICE31_DOMAINS:
-            raise DataError(f"--{role} {spec}: name an Office-31 domain: office31:amazon, office31:dslr or office31:webcam")
+            raise DataError(f"{OPTIONS[role]} {spec}: name an Office-31 domain: office31:amazon, office31:dslr or office31:webcam")
         return office31(root, arg)
     return None
 
@@ -62,7 +64,7 @@ def resolve_domain(spec: str, role: Role, cfg: DataConfig) -> Domain:
     if domain is None:
         path = Path(spec).expanduser()
         if not path.exists():
-            raise DataError(f"--{role} {spec}: no such folder and not a built-in domain (built-ins: {BUILTINS})")
+            raise DataError(f"{OPTIONS[role]} {spec}: no such folder and not a built-in domain (built-ins: {BUILTINS})")
         domain = image_folder(path)
     if role == "target":
         if domain.labels is None:
@@ -71,7 +73,7 @@ def resolve_domain(spec: str, role: Role, cfg: DataConfig) -> Domain:
         hidden.info["hidden_labels"] = list(domain.labels)  # for diagnostics only, as the demo does
         return hidden
     if domain.labels is None:
-        raise DataError(f"--{role} {spec}: {role.replace('_', '-')} data needs labels; use a labelled folder "
+        raise DataError(f"{OPTIONS[role]} {spec}: {role.replace('_', '-')} data needs labels; use a labelled folder "
                         "ROOT/<class>/<image>")
     return domain
 

@@ -314,8 +314,9 @@ def make_mnistm(digits: Domain | tuple[np.ndarray, Sequence[int]], root: str | P
 
 
 def make_mnistm_from_mnist(root: str | Path, download: bool = True, backgrounds: Sequence[np.ndarray] | None = None,
-                           seed: int = 0) -> Path:
-    """Build both MNIST-M splits under ``<root>/mnist_m/`` from MNIST under ``<root>/MNIST/raw/``."""
+                           seed: int = 0, mnist_root: str | Path | None = None) -> Path:
+    """Build both MNIST-M splits under ``<root>/mnist_m/`` from MNIST under ``<mnist_root or root>/MNIST/raw/``."""
+    source = root if mnist_root is None else mnist_root
     for train in (True, False):
-        make_mnistm(mnist(root, train, download), root, backgrounds, seed, _split(train))
+        make_mnistm(mnist(source, train, download), root, backgrounds, seed, _split(train))
     return Path(root).expanduser() / "mnist_m"
