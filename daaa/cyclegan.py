@@ -1,0 +1,304 @@
+"""CycleGAN for adversarial data pairing (paper Sec. 3.1, Eq. 1-3), following the reference implementation
+(junyanz/pytorch-CycleGAN-and-pix2pix): ResNet generators, PatchGAN discriminators, LSGAN or log loss, image
+history pools, Adam with a constant-then-linear learning-rate schedule.
+
+Images fed to the networks are float tensors in [-1, 1] of shape (N, C, H, W); generators output [-1, 1] (tanh).
+Naming follows the paper: ``G_ST`` maps source S to target T and is judged by ``D_T``; ``G_TS`` maps back and is
+judged by ``D_S``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CycleGANConfig
+from .errors import ConfigError, NonFiniteLossError
+
+
+def _norm(ch: int) -> nn.Module:
+    # the reference's "instance" norm: no affine parameters, no running statistics
+    return nn.InstanceNorm2d(ch, affine=False, track_running_stats=False)
+
+
+def init_weights(net: nn.Module, gen: torch.Generator, gain: float = 0.02) -> None:
+    """The reference's "normal" init: conv weights ~ N(0, 0.02), biases 0, drawn from ``gen`` for determinism."""
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, gain, generator=gen)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3, bias=True), _norm(ch), nn.ReLU(True),
+            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3, bias=True), _norm(ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class ResnetGenerator(nn.Module):
+    """G_ST or G_TS of Eq. 1-3: 7x7 stem, ``n_downsampling`` stride-2 convs, ``n_blocks`` residual blocks,
+    as many transposed-conv upsamplings, 7x7 output conv + tanh (output in [-1, 1]).
+
+    The input side must be a multiple of ``2 ** n_downsampling`` (see :func:`check_image_size`).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, ngf: int = 64, n_blocks: int = 9, n_downsampling: int = 2):
+        super().__init__()
+        # bias=True everywhere: instance norm has no affine shift, so the reference keeps conv biases
+        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_ch, ngf, 7), _norm(ngf), nn.ReLU(True)]
+        for i in range(n_downsampling):
+            c = ngf * 2 ** i
+            layers += [nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), _norm(2 * c), nn.ReLU(True)]
+        c = ngf * 2 ** n_downsampling
+        layers += [ResnetBlock(c) for _ in range(n_blocks)]
+        for i in range(n_downsampling):
+            c = ngf * 2 ** (n_downsampling - i)
+            layers += [nn.ConvTranspose2d(c, c // 2, 3, stride=2, padding=1, output_padding=1),
+                       _norm(c // 2), nn.ReLU(True)]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_ch, 7), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class PatchDiscriminator(nn.Module):
+    """D_T or D_S of Eq. 1: the reference's N-layer PatchGAN. Returns a map of logits (one per image patch)."""
+
+    def __init__(self, in_ch: int, ndf: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_ch, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers):
+            prev, mult = mult, min(2 ** n, 8)
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=2, padding=1), _norm(ndf * mult),
+                       nn.LeakyReLU(0.2, True)]
+        prev, mult = mult, min(2 ** n_layers, 8)
+        layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=1, padding=1), _norm(ndf * mult),
+                   nn.LeakyReLU(0.2, True), nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1)]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def check_image_size(size: int, n_downsampling: int, n_layers_d: int) -> None:
+    """Raise ConfigError when ``size`` does not fit the networks (odd strides, too-small maps for reflection
+    padding or instance norm)."""
+    f = 2 ** n_downsampling
+    if size % f or size // f < 2:
+        raise ConfigError(f"option cyclegan.image_size: {size} must be a multiple of {f} and at least {2 * f} "
+                          f"(cyclegan.n_downsampling={n_downsampling})")
+    if n_layers_d < 1:
+        raise ConfigError(f"option cyclegan.n_layers_d: {n_layers_d} must be at least 1")
+    s = size
+    for _ in range(n_layers_d):
+        s = (s - 2) // 2 + 1
+    if s < 3:  # the two stride-1 4x4 convs shrink by 1 each; instance norm needs more than one pixel
+        raise ConfigError(f"option cyclegan.image_size: {size} is too small for cyclegan.n_layers_d={n_layers_d}")
+
+
+class GANLoss(nn.Module):
+    """Adversarial loss on a discriminator's logit map.
+
+    ``"log"`` is the paper's Eq. 1 (binary cross-entropy on logits; a generator minimises -log D(G(x)), the
+    non-saturating form); ``"lsgan"`` (default, as in the reference CycleGAN) replaces it by the least-squares loss
+    (D(x) - 1)^2 for real and D(G(x))^2 for fake.
+    """
+
+    def __init__(self, mode: str = "lsgan"):
+        super().__init__()
+        if mode not in ("lsgan", "log"):
+            raise ConfigError(f"option cyclegan.gan_mode: {mode!r} is not one of lsgan, log")
+        self.mode = mode
+
+    def forward(self, pred: torch.Tensor, target_is_real: bool) -> torch.Tensor:
+        target = torch.full_like(pred, 1.0 if target_is_real else 0.0)
+        if self.mode == "lsgan":
+            return F.mse_loss(pred, target)
+        return F.binary_cross_entropy_with_logits(pred, target)
+
+
+class ImagePool:
+    """History of generated images (Shrivastava et al.; reference semantics): while not full, every image is stored
+    and returned; afterwards each image is, with probability 1/2, swapped for a random stored one (which is returned)
+    or returned as is. Randomness comes from a private ``torch.Generator`` so runs and resumes are reproducible.
+    """
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size = size
+        self.images: list[torch.Tensor] = []
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        if self.size == 0:
+            return images
+        out = []
+        for image in images.detach():
+            if len(self.images) < self.size:
+                self.images.append(image.clone())
+                out.append(image)
+            elif torch.rand((), generator=self.gen).item() > 0.5:
+                i = int(torch.randint(self.size, (), generator=self.gen))
+                out.append(self.images[i])
+                self.images[i] = image.clone()
+            else:
+                out.append(image)
+        return torch.stack(out)
+
+    def state_dict(self) -> dict[str, Any]:
+        imgs = torch.stack(self.images).cpu() if self.images else None
+        return {"size": self.size, "images": imgs, "rng": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | str = "cpu") -> None:
+        self.size = state["size"]
+        self.images = [] if state["images"] is None else [x.to(device) for x in state["images"]]
+        self.gen.set_state(state["rng"])
+
+
+def linear_decay(steps: int, decay_start: int):
+    """LR factor of step t: 1 until ``decay_start``, then linearly down to 0 at ``steps``."""
+    span = max(1, steps - decay_start)
+    return lambda t: 1.0 if t < decay_start else max(0.0, (steps - t) / span)
+
+
+class CycleGAN(nn.Module):
+    """The full objective of Eq. 3: L_GAN(G_ST, D_T) + L_GAN(G_TS, D_S) + lambda * L_cyc(G_ST, G_TS)
+    (Eq. 1 adversarial terms, Eq. 2 cycle term), plus the reference's optional identity term
+    ``lambda_identity * lambda * (|G_ST(t) - t|_1 + |G_TS(s) - s|_1)``.
+
+    Call :meth:`to` to move it; :meth:`state_dict` (no arguments) covers networks, optimisers, schedulers, pools and
+    the step count, so :meth:`load_state_dict` continues a run exactly.
+    """
+
+    def __init__(self, cfg: CycleGANConfig, channels: int, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        gen = torch.Generator().manual_seed(seed)
+        # fork the global RNG: module constructors draw from it before we overwrite every weight from `gen`
+        with torch.random.fork_rng(devices=[]):
+            self.G_ST = ResnetGenerator(channels, channels, cfg.ngf, cfg.n_blocks, cfg.n_downsampling)
+            self.G_TS = ResnetGenerator(channels, channels, cfg.ngf, cfg.n_blocks, cfg.n_downsampling)
+            self.D_T = PatchDiscriminator(channels, cfg.ndf, cfg.n_layers_d)
+            self.D_S = PatchDiscriminator(channels, cfg.ndf, cfg.n_layers_d)
+        for net in (self.G_ST, self.G_TS, self.D_T, self.D_S):
+            init_weights(net, gen)
+        self.gan_loss = GANLoss(cfg.gan_mode)
+        betas = (cfg.beta1, 0.999)
+        self.opt_g = torch.optim.Adam(itertools.chain(self.G_ST.parameters(), self.G_TS.parameters()), cfg.lr, betas)
+        self.opt_d = torch.optim.Adam(itertools.chain(self.D_T.parameters(), self.D_S.parameters()), cfg.lr, betas)
+        rule = linear_decay(cfg.steps, cfg.decay_start)
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, rule)
+        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, rule)
+        self.pool_t = ImagePool(cfg.pool_size, seed + 1)  # fake target images for D_T
+        self.pool_s = ImagePool(cfg.pool_size, seed + 2)  # fake source images for D_S
+        self.step = 0
+
+    def _set_d_grad(self, flag: bool) -> None:
+        for p in itertools.chain(self.D_T.parameters(), self.D_S.parameters()):
+            p.requires_grad_(flag)
+
+    def training_step(self, real_s: torch.Tensor, real_t: torch.Tensor) -> dict[str, float]:
+        """One generator update (Eq. 3 + identity) then one discriminator update (Eq. 1 for D_T and D_S, halved,
+        on real images and pooled fakes); then one LR-scheduler step. Inputs in [-1, 1] on the model's device.
+
+        Returns unweighted loss terms: ``g_st``/``g_ts`` (adversarial, Eq. 1), ``cycle_s``/``cycle_t`` (the two L1
+        terms of Eq. 2) and their sum ``cycle``, ``identity``, ``g_total`` (the minimised weighted sum),
+        ``d_t``/``d_s`` and their sum ``d``, and the ``lr`` used.
+        """
+        c = self.cfg
+        self.train()
+        lr = self.opt_g.param_groups[0]["lr"]
+        # generators: D frozen so its gradients are not accumulated by the generator loss
+        self._set_d_grad(False)
+        self.opt_g.zero_grad(set_to_none=True)
+        fake_t = self.G_ST(real_s)
+        fake_s = self.G_TS(real_t)
+        rec_s = self.G_TS(fake_t)
+        rec_t = self.G_ST(fake_s)
+        g_st = self.gan_loss(self.D_T(fake_t), True)
+        g_ts = self.gan_loss(self.D_S(fake_s), True)
+        cycle_s = F.l1_loss(rec_s, real_s)
+        cycle_t = F.l1_loss(rec_t, real_t)
+        total = g_st + g_ts + c.lambda_cycle * (cycle_s + cycle_t)
+        identity = torch.zeros((), device=real_s.device)
+        if c.lambda_identity > 0:
+            # G_ST should leave a real target image unchanged and G_TS a real source image (reference code)
+            identity = F.l1_loss(self.G_ST(real_t), real_t) + F.l1_loss(self.G_TS(real_s), real_s)
+            total = total + c.lambda_identity * c.lambda_cycle * identity
+        total.backward()
+        self.opt_g.step()
+        # discriminators: Eq. 1 on real vs. pooled fake images, halved to slow D relative to G (reference)
+        self._set_d_grad(True)
+        self.opt_d.zero_grad(set_to_none=True)
+        pooled_t = self.pool_t.query(fake_t)
+        pooled_s = self.pool_s.query(fake_s)
+        d_t = 0.5 * (self.gan_loss(self.D_T(real_t), True) + self.gan_loss(self.D_T(pooled_t), False))
+        d_s = 0.5 * (self.gan_loss(self.D_S(real_s), True) + self.gan_loss(self.D_S(pooled_s), False))
+        d = d_t + d_s
+        d.backward()
+        self.opt_d.step()
+        vals = {"g_st": g_st, "g_ts": g_ts, "cycle_s": cycle_s, "cycle_t": cycle_t, "cycle": cycle_s + cycle_t,
+                "identity": identity, "g_total": total, "d_t": d_t, "d_s": d_s, "d": d}
+        # one device sync per step; a non-finite loss stops here, before any checkpoint can store the broken weights
+        out = dict(zip(vals, torch.stack([v.detach() for v in vals.values()]).tolist()))
+        bad = [k for k, v in out.items() if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLossError(f"cyclegan step {self.step}: non-finite loss {', '.join(bad)}; "
+                                     "the last checkpoint is kept (try a lower cyclegan.lr)")
+        self.sched_g.step()
+        self.sched_d.step()
+        self.step += 1
+        out["lr"] = lr
+        return out
+
+    def _translate(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                return net(x)
+        finally:
+            net.train(was_training)
+
+    def translate_st(self, x: torch.Tensor) -> torch.Tensor:
+        """G_ST(x): source images in [-1, 1] -> synthetic target images in [-1, 1] (no gradients)."""
+        return self._translate(self.G_ST, x)
+
+    def translate_ts(self, x: torch.Tensor) -> torch.Tensor:
+        """G_TS(x): target images in [-1, 1] -> synthetic source images in [-1, 1] (no gradients)."""
+        return self._translate(self.G_TS, x)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        """Everything needed to continue training exactly. With arguments (a parent module recursing) it behaves
+        like :meth:`nn.Module.state_dict`."""
+        if args or kwargs:
+            return super().state_dict(*args, **kwargs)
+        return {"nets": super().state_dict(), "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+                "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
+                "pool_t": self.pool_t.state_dict(), "pool_s": self.pool_s.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
+        if "nets" not in state:  # a plain module state dict
+            return super().load_state_dict(state, strict, assign)
+        result = super().load_state_dict(state["nets"], strict, assign)
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_d.load_state_dict(state["sched_d"])
+        device = next(self.parameters()).device
+        self.pool_t.load_state_dict(state["pool_t"], device)
+        self.pool_s.load_state_dict(state["pool_s"], device)
+        self.step = int(state["step"])
+        return result
