@@ -102,7 +102,7 @@ def setup(runtime: RuntimeConfig) -> Context:
     if amp is torch.float16 and device.type != "cuda":
         raise DaaaError("option runtime.precision: fp16 autocast needs CUDA; use bf16 or fp32 on CPU")
     seed_everything(runtime.seed)
-    _CONTEXT = Context(rank, world_size, device, amp, runtime.channels_last and device.type == "cuda")
+    _CONTEXT = Context(rank, world_size, device, amp, runtime.channels_last)
     return _CONTEXT
 
 

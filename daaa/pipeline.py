@@ -119,7 +119,7 @@ def train_source(run_dir: Path, cfg: Config, data: RunData, ctx: Context, overwr
 def translate(run_dir: Path, cfg: Config, data: RunData, ctx: Context, tf_dir: str | None = None,
               sf_dir: str | None = None) -> RunData:
     """Fill in T_f = G_ST(S) and S_f = G_TS(T): CycleGAN (trained and cached in RUN/translate), or user folders."""
-    from .translate import load_translation_folders, run_translation
+    from .translate import load_translation, load_translation_folders, run_translation
 
     if data.target is None:
         raise DaaaError("translation needs a target domain (--target)")
@@ -127,10 +127,14 @@ def translate(run_dir: Path, cfg: Config, data: RunData, ctx: Context, tf_dir: s
         if not (tf_dir and sf_dir):
             raise DaaaError("--synthetic-target and --synthetic-source must be given together")
         tr = load_translation_folders(tf_dir, sf_dir, data.source, data.target, cfg.data.load_size, cfg.data.channels)
-    else:
+    elif ctx.is_main:
+        # CycleGAN is trained once, on rank 0 (its batch is small); the other ranks read its result
         tr = run_translation(run_dir, cfg, data.source, data.target, ctx.device, cfg.runtime.progress)
-        if ctx.is_main:
-            update_metrics(run_dir, {"seconds": {"translate": sum(tr.seconds.values())}})
+        update_metrics(run_dir, {"seconds": {"translate": sum(tr.seconds.values())}})
+        ctx.barrier()
+    else:
+        ctx.barrier()
+        tr = load_translation(run_dir / "translate")
     data.synthetic_target, data.synthetic_source = tr.synthetic_target, tr.synthetic_source
     return data
 

@@ -13,7 +13,6 @@ Files in ``RUN/translate/`` (see :mod:`daaa.runs` for key.json, checkpoint.pt, s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from PIL import Image
 
 from .config import Config
 from .cyclegan import CycleGAN, check_image_size
-from .data.domain import ImageTensors, to_pil_mode
+from .data.domain import ImageTensors, fingerprint, to_pil_mode
 from .errors import DaaaError, DataError
 from .figures import plot_curves, plot_pairs
 from .runs import Stage, atomic_write_text, read_json
@@ -74,19 +73,6 @@ def to_uint8(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) != tuple(hw):
         x = F.interpolate(x, size=tuple(hw), mode="bilinear", antialias=True, align_corners=False)
     return ((x + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8).cpu()
-
-
-def fingerprint(*tensors: torch.Tensor | None) -> str:
-    """sha256 of the tensors' shapes, dtypes and bytes: identifies the stage's inputs independently of file paths."""
-    h = hashlib.sha256()
-    for t in tensors:
-        if t is None:
-            h.update(b"none")
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.numpy())  # buffer protocol: no copy of large image arrays
-    return h.hexdigest()
 
 
 def stage_key(cfg: Config, source: ImageTensors, target: ImageTensors) -> dict[str, Any]:

@@ -151,6 +151,6 @@ def fingerprint(*tensors: torch.Tensor | None) -> str:
             h.update(b"none")
             continue
         t = t.detach().cpu().contiguous()
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.numpy().tobytes())
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.numpy())  # buffer protocol: no copy of large image arrays
     return h.hexdigest()[:16]

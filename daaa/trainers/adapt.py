@@ -196,7 +196,9 @@ class DAAATrainer:
         unlabelled = slice(sl["T"].start, sl["Sf"].stop)
         kept = torch.zeros((), device=ctx.device)
         loss_em = torch.zeros((), device=ctx.device)
-        if self.uses_em and unlabelled.stop > unlabelled.start:
+        # before the first sync with p_t = 1 no posterior is needed: every EM sample would be dropped
+        has_posterior = self.posterior_cache is not None or not spec.async_posterior
+        if self.uses_em and unlabelled.stop > unlabelled.start and has_posterior:
             posterior = self._posteriors(batch, logits[sl["T"]])
             p_t = self.posterior_net.threshold(spec.confidence_threshold, spec.initial_confidence_threshold)
             keep = confidence_mask(posterior, p_t if spec.filtering else 0.0)

@@ -1,0 +1,185 @@
+"""Unit tests of the method's pieces: attention maps (Eq. 4), L_AT (Eq. 5), EM (Eq. 8-11), mixed batches."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from daaa import AttentionAlignmentLoss, FeatureRecorder, attention_map
+from daaa.batches import MixedBatchSampler, stream_counts
+from daaa.em import PosteriorNetwork, confidence_mask, em_loss
+from daaa.models import DigitCNN
+from daaa.optim import lr_factor
+from daaa.config import OptimConfig
+
+
+def _hand_map(f: torch.Tensor, kind: str) -> torch.Tensor:
+    n, c, h, w = f.shape
+    out = torch.zeros(n, h * w if kind != "fm" else c * h * w)
+    for i in range(n):
+        if kind == "fm":
+            v = f[i].reshape(-1).clone()
+        else:
+            v = torch.zeros(h * w)
+            for y in range(h):
+                for x in range(w):
+                    vals = [float(f[i, ch, y, x]) for ch in range(c)]
+                    if kind == "l2":
+                        v[y * w + x] = sum(a * a for a in vals)
+                    elif kind == "l1":
+                        v[y * w + x] = sum(abs(a) for a in vals)
+                    else:
+                        v[y * w + x] = max(abs(a) for a in vals)
+        out[i] = v / v.norm()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["l2", "l1", "linf", "fm"])
+def test_attention_map_matches_hand_computation(kind):
+    f = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(1))
+    got = attention_map(f, kind)
+    assert got.shape == (2, 20 if kind != "fm" else 60)
+    torch.testing.assert_close(got, _hand_map(f, kind), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.norm(dim=1), torch.ones(2))
+
+
+def test_attention_map_eq4_is_sum_of_squares():
+    f = torch.zeros(1, 2, 1, 2)
+    f[0, :, 0, 0] = torch.tensor([3.0, 4.0])  # 9 + 16 = 25
+    f[0, :, 0, 1] = torch.tensor([0.0, 0.0])
+    assert torch.allclose(attention_map(f), torch.tensor([[1.0, 0.0]]))
+
+
+def _nets(seed: int = 0) -> tuple[DigitCNN, DigitCNN]:
+    torch.manual_seed(seed)
+    a = DigitCNN(10, 3, 8, 32)
+    return a, copy.deepcopy(a)
+
+
+def test_alignment_zero_for_identical_networks_and_inputs_positive_otherwise():
+    source, target = _nets()
+    x = torch.randn(6, 3, 32, 32)
+    loss = AttentionAlignmentLoss()
+    with FeatureRecorder(source, source.aligned_layers) as rs, FeatureRecorder(target, target.aligned_layers) as rt:
+        with torch.no_grad():
+            source(x)
+        target(x)
+        assert float(loss(rs.features, rt.features)) == pytest.approx(0.0, abs=1e-4)
+        target(x.flip(-1))  # a different input through the target net
+        assert float(loss(rs.features, rt.features)) > 0.1
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    with FeatureRecorder(source, source.aligned_layers) as rs, FeatureRecorder(target, target.aligned_layers) as rt:
+        source(x)
+        target(x)
+        assert float(loss(rs.features, rt.features)) > 0.01
+
+
+def test_alignment_gradient_reaches_only_the_target_network():
+    source, target = _nets()
+    source.requires_grad_(False)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(4, 3, 32, 32)
+    with FeatureRecorder(source, source.aligned_layers) as rs, FeatureRecorder(target, target.aligned_layers) as rt:
+        source(x)
+        target(x)
+        AttentionAlignmentLoss()(rs.features, rt.features).backward()
+    assert all(p.grad is None for p in source.parameters())
+    grads = [target.conv1.weight.grad, target.conv2.weight.grad, target.conv3.weight.grad]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert target.conv4.weight.grad is None  # the classifier does not take part in attention
+
+
+def test_alignment_is_sum_of_per_pair_l2_distances():
+    a = [torch.randn(5, 2, 3, 3)]
+    b = [torch.randn(5, 2, 3, 3)]
+    expected = sum((attention_map(a[0])[i] - attention_map(b[0])[i]).norm() for i in range(5))
+    assert float(AttentionAlignmentLoss()(a, b)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(AttentionAlignmentLoss(reduction="mean")(a, b)) == pytest.approx(float(expected) / 5, rel=1e-5)
+
+
+@pytest.mark.parametrize("measure", ["l1", "mmd", "jmmd"])
+def test_other_discrepancies_zero_on_equal_and_positive_on_different(measure):
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(8, 2, 4, 4, generator=g), torch.randn(8, 3, 2, 2, generator=g)]
+    b = [torch.randn(8, 2, 4, 4, generator=g) * 3 + 1, torch.randn(8, 3, 2, 2, generator=g) ** 2]
+    loss = AttentionAlignmentLoss(discrepancy=measure)
+    assert float(loss(a, a)) == pytest.approx(0.0, abs=1e-4)
+    assert float(loss(a, b)) > 1e-3
+
+
+def test_em_loss_is_soft_cross_entropy_eq11():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    post = torch.tensor([[0.9, 0.1], [0.3, 0.7]])
+    logp = torch.log_softmax(logits, 1)
+    expected = -(post * logp).sum()
+    assert float(em_loss(logits, post)) == pytest.approx(float(expected))
+    keep = torch.tensor([True, False])
+    assert float(em_loss(logits, post, keep)) == pytest.approx(float(-(post[0] * logp[0]).sum()))
+
+
+def test_confidence_filter_threshold_and_p_t_one_keeps_none():
+    post = torch.tensor([[0.96, 0.04], [0.6, 0.4], [1.0, 0.0]])
+    assert confidence_mask(post, 0.95).tolist() == [True, False, True]
+    assert confidence_mask(post, 1.0).tolist() == [False, False, False]
+    assert confidence_mask(post, 0.0).all()
+
+
+def test_posterior_network_syncs_every_n_steps_and_stays_frozen():
+    _, target = _nets()
+    post = PosteriorNetwork(target, sync_interval=3)
+    assert [s for s in range(10) if post.due(s)] == [3, 6, 9]
+    x = torch.randn(2, 3, 32, 32)
+    before = post(x)
+    with torch.no_grad():
+        target.conv4.bias[0] += 5.0
+    assert torch.allclose(post(x), before)  # an update of the target does not reach M_post until the sync
+    assert post.threshold(0.95, 1.0) == 1.0
+    post.sync(target, 3)
+    assert not torch.allclose(post(x), before)
+    assert post.threshold(0.95, 1.0) == 0.95 and post.last_sync_step == 3
+    assert all(not p.requires_grad for p in post.parameters())
+
+
+def test_lr_schedule_restarts():
+    cfg = OptimConfig(schedule="inv", lr_gamma=0.001, lr_decay=0.75)
+    assert lr_factor(cfg, 0) == 1.0
+    assert lr_factor(cfg, 1000) == pytest.approx(2 ** -0.75)
+    assert lr_factor(OptimConfig(schedule="constant"), 500) == 1.0
+
+
+def test_batch_proportions_and_pairing():
+    counts = stream_counts(100, [0.35, 0.15, 0.35, 0.15], "S+Tf+T+Sf")
+    assert counts == {"S": 35, "Tf": 15, "T": 35, "Sf": 15}
+    assert stream_counts(64, [0.35, 0.15, 0.35, 0.15], "S+Tf") == {"S": 45, "Tf": 19, "T": 0, "Sf": 0}
+    assert sum(stream_counts(7, [0.35, 0.15, 0.35, 0.15], "S+Tf+T+Sf").values()) == 7
+    sampler = MixedBatchSampler(50, 40, 20, [0.35, 0.15, 0.35, 0.15], "S+Tf+T+Sf", seed=3)
+    b = sampler.batch(5)
+    assert b.counts == {"S": 7, "Tf": 3, "T": 7, "Sf": 3}
+    assert torch.equal(b.tf_idx, b.source_idx[:3])  # T_f rows are translations of the batch's own S rows
+    assert torch.equal(b.sf_idx, b.target_idx[:3])
+    rows, src, sf = b.anchor_rows()
+    # Eq. 5: S rows, T_f rows (anchored on their x^S), S_f rows, and the T rows paired with S_f rows
+    assert rows.tolist() == list(range(0, 10)) + list(range(17, 20)) + list(range(10, 13))
+    assert torch.equal(src, torch.cat([b.source_idx, b.tf_idx]))
+    assert torch.equal(sf, torch.cat([b.sf_idx, b.target_idx[:3]]))
+    # deterministic per step, and sampling without replacement within an epoch
+    assert torch.equal(sampler.batch(5).source_idx, b.source_idx)
+    seen = torch.cat([sampler.batch(s).source_idx for s in range(7)])  # 49 of 50 items
+    assert len(set(seen.tolist())) == 49
+
+
+def test_sharded_batches_cover_the_global_batch_and_keep_pairs():
+    kw = dict(n_source=50, n_target=40, batch_size=20, proportions=[0.35, 0.15, 0.35, 0.15], train_data="S+Tf+T+Sf", seed=1)
+    full = MixedBatchSampler(**kw).batch(2)
+    shards = [MixedBatchSampler(**kw, rank=r, world_size=2).batch(2) for r in range(2)]
+    assert sorted(torch.cat([s.source_idx for s in shards]).tolist()) == sorted(full.source_idx.tolist())
+    for s in shards:
+        assert s.paired_target_rows() == len(s.sf_idx)
+        assert torch.equal(s.tf_idx, s.source_idx[: len(s.tf_idx)])
