@@ -1,0 +1,242 @@
+"""Baseline DA losses (DANN, DAN's MK-MMD, JAN's JMMD) and label-free model selection (IWCV, DEV, SND)."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from daaa.baselines import (DomainAdversarialLoss, DomainDiscriminator, GradientReverse, GradientReverseLayer,
+                            JointMMD, MultiKernelMMD, dann_coefficient, gaussian_kernel_matrix, jmmd, mmd)
+from daaa.selection import (deep_embedded_validation, density_ratio_weights, dev_risk, effective_sample_size,
+                            importance_weighted_validation, per_sample_loss, select, soft_neighborhood_density)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_one_thread() -> Iterator[None]:
+    # On a small shared CPU, intra-op thread hand-offs cost far more than these toy-sized ops themselves.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _sgd_step(params: Iterable[torch.Tensor], lr: float) -> None:
+    # Plain SGD by hand: constructing a torch.optim optimizer costs seconds of lazy imports on first use.
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p -= lr * p.grad
+
+
+# ------------------------------------------------------------------------------------------------ DANN
+
+
+def test_gradient_reversal_is_identity_forward_and_flips_scaled_gradient() -> None:
+    x = torch.randn(5, 3, requires_grad=True)
+    g = torch.randn(5, 3)
+    y = GradientReverseLayer(coeff=0.5)(x)
+    assert torch.equal(y, x)
+    (y * g).sum().backward()
+    assert torch.allclose(x.grad, -0.5 * g)
+
+    x.grad = None
+    (GradientReverse.apply(x, 2.0) * g).sum().backward()
+    assert torch.allclose(x.grad, -2.0 * g)
+
+
+def test_dann_coefficient_schedule() -> None:
+    assert dann_coefficient(0.0) == 0.0
+    assert dann_coefficient(1.0) == pytest.approx(2 / (1 + math.exp(-10)) - 1)
+    values = [dann_coefficient(p / 10) for p in range(11)]
+    assert all(a < b for a, b in zip(values, values[1:]))
+    assert 0.99 < values[-1] < 1.0
+
+
+def test_discriminator_learns_and_reversed_gradient_pulls_domains_together() -> None:
+    f_s = torch.randn(64, 2) * 0.5 + torch.tensor([1.5, 0.0])
+    f_t = torch.randn(64, 2) * 0.5 - torch.tensor([1.5, 0.0])
+    disc = DomainDiscriminator(2, hidden=32)
+    adv = DomainAdversarialLoss(disc)
+
+    first = adv(f_s, f_t).item()
+    for _ in range(30):
+        disc.zero_grad()
+        adv(f_s, f_t).backward()
+        _sgd_step(disc.parameters(), lr=0.2)
+    disc.eval()
+    trained = adv(f_s, f_t).item()
+    assert trained < 0.5 * first
+    assert adv.domain_accuracy > 0.95
+
+    # Now the features are the parameters: descending the loss through the reversal ascends the domain loss.
+    fs, ft = f_s.clone().requires_grad_(), f_t.clone().requires_grad_()
+    gap0 = (fs.mean(0) - ft.mean(0)).norm().item()
+    for _ in range(20):  # a large step: the loss is a mean over 128 samples, so per-sample gradients are small
+        fs.grad = ft.grad = None
+        adv(fs, ft, coeff=1.0).backward()
+        _sgd_step([fs, ft], lr=20.0)
+    gap1 = (fs.mean(0) - ft.mean(0)).norm().item()
+    assert gap1 < 0.8 * gap0
+    assert adv(fs.detach(), ft.detach()).item() > trained
+
+
+# ------------------------------------------------------------------------------------------------ MMD / JMMD
+
+
+def test_mmd_small_for_same_distribution_and_large_for_shift() -> None:
+    x, y = torch.randn(400, 5), torch.randn(400, 5)
+    same = mmd(x, y).item()
+    shifted = mmd(x, y + 1.0).item()
+    assert 0.0 <= same < 0.01
+    assert shifted > 0.1 and shifted > 10 * same
+    assert mmd(x, y + 1.0, linear=True).item() > 0.1
+
+
+def test_mmd_zero_for_identical_inputs_and_nonnegative() -> None:
+    x = torch.randn(32, 7, dtype=torch.float64)
+    assert mmd(x, x.clone()).item() == pytest.approx(0.0, abs=1e-10)
+    assert jmmd([x, x[:, :3]], [x.clone(), x[:, :3].clone()]).item() == pytest.approx(0.0, abs=1e-10)
+    assert abs(mmd(x, x.clone(), linear=True).item()) < 1e-10
+    constant = torch.ones(8, 4)  # zero bandwidth must not divide by zero
+    assert mmd(constant, constant).item() == 0.0
+    for _ in range(5):
+        assert mmd(torch.randn(6, 3), torch.randn(9, 3)).item() >= 0.0  # unequal sizes, V-statistic
+
+
+def test_jmmd_of_one_layer_equals_mmd_and_modules_match() -> None:
+    x, y = torch.randn(20, 4), torch.randn(30, 4) + 0.3
+    assert torch.allclose(jmmd([x], [y]), mmd(x, y))
+    assert torch.allclose(jmmd([x], [y[:20]], linear=True), mmd(x, y[:20], linear=True))
+    assert torch.allclose(jmmd([x], [y], kernel_mults=[[1.0, 2.0]]), mmd(x, y, kernel_mults=(1.0, 2.0)))
+    assert torch.allclose(MultiKernelMMD()(x, y), mmd(x, y))
+    assert torch.allclose(JointMMD()([x, x], [y, y]), jmmd([x, x], [y, y]))
+    # the estimator is w^T K w over the pooled sample's kernel matrix
+    z = torch.cat([x, y])
+    k = gaussian_kernel_matrix(z, z, bandwidth=(torch.cdist(z, z) ** 2).sum() / (50 * 49))
+    expected = k[:20, :20].mean() + k[20:, 20:].mean() - 2 * k[:20, 20:].mean()
+    assert torch.allclose(mmd(x, y), expected, atol=1e-5)
+
+
+def test_jmmd_sees_a_joint_shift_that_marginal_mmds_miss() -> None:
+    # Same marginals per layer, but the target pairs features with the wrong "label" layer.
+    labels = torch.arange(200) % 2
+    feats = torch.randn(200, 2) + 3.0 * labels[:, None].float()
+    probs = F.one_hot(labels, 2).float()
+    swapped = F.one_hot(1 - labels, 2).float()
+    marginal = (mmd(feats, feats[torch.randperm(200)]) + mmd(probs, swapped[torch.randperm(200)])).item()
+    joint = jmmd([feats, probs], [feats, swapped]).item()
+    assert marginal < 0.02
+    assert joint > 0.1
+
+
+def test_mmd_gradients_flow_on_attention_like_maps() -> None:
+    src = F.normalize(torch.rand(16, 49), dim=1)
+    tgt = F.normalize(torch.rand(16, 49) ** 3, dim=1).requires_grad_()
+    before = mmd(src, tgt).item()
+    for _ in range(5):
+        tgt.grad = None
+        loss = mmd(src, tgt) + jmmd([src, src[:, :8]], [tgt, tgt[:, :8]])
+        loss.backward()
+        assert torch.isfinite(tgt.grad).all() and tgt.grad.abs().sum() > 0
+        _sgd_step([tgt], lr=0.5)
+    assert mmd(src, tgt).item() < before
+    with pytest.raises(ValueError):
+        mmd(src, tgt[:10], linear=True)
+
+
+def test_mmd_ignores_autocast() -> None:
+    x, y = torch.randn(32, 300), torch.randn(32, 300) + 0.1
+    exact = jmmd([x, x[:, :5]], [y, y[:, :5]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.allclose(jmmd([x, x[:, :5]], [y, y[:, :5]]), exact)
+        assert mmd(x.bfloat16(), y.bfloat16()).dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------------ selection
+
+
+def test_iwcv_weights_near_one_without_shift_and_large_in_target_dense_region() -> None:
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(400, 2))
+    w = density_ratio_weights(xs, rng.normal(size=(400, 2)))
+    assert abs(w.mean() - 1.0) < 0.05
+    assert np.abs(w - 1.0).mean() < 0.2
+
+    w = density_ratio_weights(xs, rng.normal(size=(300, 2)) + np.array([1.5, 0.0]))
+    assert w[xs[:, 0] > 1].mean() > 2.0 > 0.5 > w[xs[:, 0] < -1].mean()
+    assert np.corrcoef(np.argsort(np.argsort(w)), np.argsort(np.argsort(xs[:, 0])))[0, 1] > 0.9
+    assert effective_sample_size(w) < 0.5 * len(w)
+
+
+def test_iwcv_prefers_the_model_that_is_good_where_the_target_is() -> None:
+    rng = np.random.default_rng(1)
+    xs = rng.normal(size=(400, 2))
+    xt = rng.normal(size=(400, 2)) + np.array([1.5, 0.0])
+    near_target = xs[:, 0] > 0.5
+    labels = np.zeros(400, dtype=np.int64)
+
+    def probs(loss: np.ndarray) -> np.ndarray:  # two-class outputs whose cross-entropy is `loss`
+        p = np.exp(-loss)
+        return np.stack([p, 1 - p], axis=1)
+
+    good_on_target = probs(np.where(near_target, 0.1, 1.0))
+    good_on_source = probs(np.where(near_target, 1.0, 0.1))
+    cands = []
+    for out in (good_on_source, good_on_target):
+        iw = importance_weighted_validation(xs, xt, out, labels, from_logits=False)
+        dev = deep_embedded_validation(xs, xt, out, labels, from_logits=False)
+        assert iw["risk"] == pytest.approx(np.mean(iw["weights"] * per_sample_loss(out, labels, False)))
+        cands.append({"iwcv": iw, "dev": dev["risk"], "source": iw["source_risk"]})
+    assert cands[0]["source"] < cands[1]["source"]  # plain source validation picks the wrong one
+    assert select(cands, "iwcv") == 1
+    assert select(cands, "dev") == 1
+
+
+def test_dev_with_constant_weights_is_the_mean_loss() -> None:
+    losses = np.array([0.3, 1.2, 0.05, 2.0, 0.7])
+    out = dev_risk(losses, np.ones(5))
+    assert out["risk"] == pytest.approx(losses.mean())
+    assert out["eta"] == 0.0
+    assert out["effective_sample_size"] == pytest.approx(5.0)
+
+    logits = torch.randn(5, 3)
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    full = deep_embedded_validation(torch.randn(5, 4), torch.randn(7, 4), logits, labels, weights=np.ones(5))
+    assert full["risk"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+
+    # With varying weights the control variate still leaves the estimate exact when W*l is linear in W.
+    w = np.array([0.5, 1.5, 1.0, 0.2, 1.8])
+    assert dev_risk(np.full(5, 0.4), w)["risk"] == pytest.approx(0.4)
+
+
+def test_snd_higher_for_clustered_than_scattered_predictions() -> None:
+    rng = np.random.default_rng(0)
+    n, k = 100, 10
+    clustered = np.full((n, k), 0.01)
+    clustered[np.arange(n), np.arange(n) % k] = 1.0
+    clustered += rng.uniform(0, 0.02, size=(n, k))
+    clustered /= clustered.sum(1, keepdims=True)
+    scattered = rng.dirichlet(np.full(k, 0.3), size=n)  # fairly confident, but no cluster structure
+    snd_clustered = soft_neighborhood_density(clustered)
+    assert snd_clustered > soft_neighborhood_density(scattered) + 0.3
+    assert soft_neighborhood_density(torch.as_tensor(np.log(clustered)), from_logits=True) == pytest.approx(
+        snd_clustered)
+    # The criterion's known blind spot: identical (e.g. uniform) outputs are "one dense cluster" -> log(N - 1).
+    assert soft_neighborhood_density(np.full((n, k), 1.0 / k)) == pytest.approx(math.log(n - 1))
+
+
+def test_select_directions() -> None:
+    cands = [{"iwcv": 0.9, "dev": 0.5, "snd": 1.0},
+             {"iwcv": 0.2, "dev": float("nan"), "snd": 3.0},
+             {"iwcv": 0.4, "dev": 0.3, "snd": 2.0}]
+    assert select(cands, "iwcv") == 1
+    assert select(cands, "dev") == 2  # NaN skipped
+    assert select(cands, "snd") == 1
+    with pytest.raises(ValueError):
+        select(cands, "accuracy")
