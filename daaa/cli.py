@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("export-demo", help="write the embedded demo pair as image folders")
     q.add_argument("--out", required=True)
     q.add_argument("--debug", action="store_true")
+
+    p = sub.add_parser("report", help="one Markdown or HTML report of run folders: config, accuracies, seconds, "
+                       "figures, reproduce tables")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (of daaa run / demo / reproduce)")
+    p.add_argument("--out", help="FILE.md (relative image links) or FILE.html (self-contained); default: "
+                   "RUN/report.md for one run, ./report.md for several")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -226,6 +233,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(f"report written to {write_report(args.runs, args.out)}")
+    return 0
+
+
 def _print_summary(metrics: dict, run_dir: Path) -> None:
     rows = [("source only", metrics.get("source_only", {}).get("target_test_accuracy")),
             ("DAAA", metrics.get("daaa", {}).get("target_test_accuracy"))]
@@ -238,6 +252,7 @@ def _print_summary(metrics: dict, run_dir: Path) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train-source": cmd_train_source, "translate": cmd_translate, "adapt": cmd_run, "run": cmd_run,
     "demo": cmd_demo, "evaluate": cmd_evaluate, "data": cmd_data,
+    "report": cmd_report,
 }
 
 

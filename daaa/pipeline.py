@@ -110,7 +110,8 @@ def train_source(run_dir: Path, cfg: Config, data: RunData, ctx: Context, overwr
         stage.finish(_strip(result))
         if "target_test_accuracy" in result:
             update_metrics(run_dir, {"source_only": {"target_test_accuracy": result["target_test_accuracy"],
-                                                     "oracle_best_accuracy": result["oracle_best_accuracy"]},
+                                                     "oracle_best_accuracy": result["oracle_best_accuracy"],
+                                                     "target_test": result.get("target_test")},  # confusion.png
                                      "seconds": {"source": result["seconds"]}})
     ctx.barrier()
     return model, result

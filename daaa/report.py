@@ -1,0 +1,340 @@
+"""`daaa report RUN [RUN ...] [--out FILE.md|FILE.html]`: one Markdown or HTML report of one or more run folders.
+
+For every run: its configuration in brief (preset, seed, the hyper-parameters that matter), the metrics table
+(source only, DAAA, every table row under RUN/rows/*, seconds per stage), its figures (RUN/figures/*.png, made by
+`daaa run` / `daaa demo`; those that need no data are made when missing, beside the report -- a report never
+writes into a run folder) and, for a `daaa reproduce` folder, its results table (RUN/results.md, else
+RUN/results.json). Markdown links the images by relative path; HTML embeds them (base64): the file is
+self-contained.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import DaaaError
+
+# a block of the report: ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", path, caption)
+# | ("md", markdown text: pipe tables and paragraphs)
+Block = tuple
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) if path.exists() else {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _pct(v: Any) -> str:
+    return f"{v * 100:.2f}%" if isinstance(v, (int, float)) else "-"
+
+
+def _secs(v: Any) -> str:
+    return f"{v:.1f}" if isinstance(v, (int, float)) else "-"
+
+
+def _command_of(run: Path) -> str | None:
+    """The command of the last `daaa ...` that ran in the folder, from RUN/log.txt."""
+    try:
+        lines = (run / "log.txt").read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        m = re.search(r"daaa \S+: (\S+) in ", line)
+        if m:
+            return m.group(1)
+    return None
+
+
+def config_summary(run: Path) -> list[tuple[str, str]]:
+    """(name, value) pairs of the settings that decide a run's result."""
+    cfg = _load_yaml(run / "config.yaml")
+    if not cfg:
+        return []
+    g = lambda sec, key, default="-": (cfg.get(sec) or {}).get(key, default)  # noqa: E731
+    model = g("model", "arch")
+    if model == "digit_cnn":
+        model = f"digit_cnn (width {g('model', 'width')})"
+    elif model == "resnet50":
+        model = f"resnet50 (pretrained: {g('model', 'pretrained')})"
+    ad_opt = g("adapt", "optim", {}) or {}
+    rows = [("command", _command_of(run) or "-"), ("preset", str(cfg.get("preset", "-"))),
+            ("seed", str(g("runtime", "seed"))), ("network", str(model)),
+            ("image size", f"{g('data', 'image_size')} px, {g('data', 'channels')} channel(s)"),
+            ("CycleGAN", f"{g('cyclegan', 'steps')} steps, batch {g('cyclegan', 'batch_size')}, "
+                         f"ngf {g('cyclegan', 'ngf')}, {g('cyclegan', 'n_blocks')} blocks"),
+            ("source network", f"{g('source', 'steps')} steps, batch {g('source', 'batch_size')}"),
+            ("adapt (Eq. 12)", f"{g('adapt', 'steps')} steps, batch {g('adapt', 'batch_size')}, "
+                               f"data {g('adapt', 'train_data')}"),
+            ("beta (L_AT)", str(g("adapt", "beta"))),
+            ("attention / discrepancy", f"{g('adapt', 'attention')} / {g('adapt', 'discrepancy')}"),
+            ("p_t (EM filter)", f"{g('adapt', 'confidence_threshold')} (before the first sync: "
+                                f"{g('adapt', 'initial_confidence_threshold')})"),
+            ("M_post sync interval", str(g("adapt", "sync_interval"))),
+            ("optimiser", f"{ad_opt.get('optimizer', '-')}, lr {ad_opt.get('lr', '-')}, "
+                          f"schedule {ad_opt.get('schedule', '-')}")]
+    return rows
+
+
+def _stage_result(path: Path) -> dict:
+    rec = _load_json(path)
+    return (rec or {}).get("result", {}) if isinstance(rec, dict) else {}
+
+
+def metrics_rows(run: Path) -> list[list[str]]:
+    """[method, stage folder, target-test accuracy, best during training (oracle), seconds] per trained network."""
+    metrics = _load_json(run / "metrics.json") or {}
+    seconds = metrics.get("seconds", {}) if isinstance(metrics, dict) else {}
+    rows = []
+    src = _stage_result(run / "source" / "stage.json")
+    if src or "source_only" in metrics:
+        acc = src.get("target_test_accuracy", metrics.get("source_only", {}).get("target_test_accuracy"))
+        rows.append(["source only (CNN, S)", "source", _pct(acc), _pct(src.get("oracle_best_accuracy")),
+                     _secs(src.get("seconds", seconds.get("source")))])
+    ad = _stage_result(run / "adapt" / "stage.json")
+    if ad or "daaa" in metrics:
+        d = metrics.get("daaa", {})
+        rows.append(["DAAA (ours)", "adapt", _pct(ad.get("target_test_accuracy", d.get("target_test_accuracy"))),
+                     _pct(ad.get("oracle_best_accuracy", d.get("oracle_best_accuracy"))),
+                     _secs(ad.get("seconds", seconds.get("adapt")))])
+    for rec in sorted((run / "rows").glob("**/stage.json")):
+        r = _stage_result(rec)
+        name = str(rec.parent.relative_to(run / "rows"))
+        rows.append([name, f"rows/{name}", _pct(r.get("target_test_accuracy")), _pct(r.get("oracle_best_accuracy")),
+                     _secs(r.get("seconds"))])
+    return rows
+
+
+def seconds_rows(run: Path) -> list[list[str]]:
+    metrics = _load_json(run / "metrics.json") or {}
+    seconds = metrics.get("seconds", {}) if isinstance(metrics, dict) else {}
+    return [[k, _secs(v)] for k, v in seconds.items() if isinstance(v, (int, float))]
+
+
+def _results_blocks(run: Path) -> list[Block]:
+    """The table of a `daaa reproduce` folder: results.md as written, else a table from results.json."""
+    md = run / "results.md"
+    if md.exists():
+        try:
+            return [("h", 3, "reproduce results"), ("md", md.read_text())]
+        except OSError:
+            pass
+    res = _load_json(run / "results.json")
+    if res is None:
+        return []
+    rows = res.get("rows") if isinstance(res, dict) else res
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+        header = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (dict, list))))
+        body = [[_cell(r.get(k)) for k in header] for r in rows]
+        return [("h", 3, "reproduce results (results.json)"), ("table", header, body)]
+    return [("h", 3, "reproduce results (results.json)"),
+            ("code", json.dumps(res, indent=1, sort_keys=True)[:20000])]
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def _figures(run: Path, spare: Path | None) -> list[Path]:
+    """The run's figures: RUN/figures/*.png, and -- when some that need no data are missing there -- those made
+    into ``spare`` (the report never writes into a run folder)."""
+    from .figures import FIGURE_FILES, make_run_figures
+
+    fig_dir = run / "figures"
+    have = {p.name: p for p in fig_dir.glob("*.png")} if fig_dir.exists() else {}
+    missing = [f for f in ("fig3_pairs.png", "fig4_training.png", "confusion.png", "figA1_sweeps.png") if f not in have]
+    if spare is not None and missing:  # Fig. 1 needs the data: it comes from `daaa run` / `daaa demo`
+        made = make_run_figures(run, out_dir=spare, only=missing)
+        for name, p in made.items():
+            have.setdefault(name, p)
+    found = [have[f] for f in FIGURE_FILES if f in have]
+    others = sorted((p for n, p in have.items() if n not in FIGURE_FILES), key=lambda p: p.name)
+    extra = [run / "translate" / "losses.png"] if (run / "translate" / "losses.png").exists() else []
+    return found + others + extra
+
+
+def run_blocks(run: Path, spare: Path | None = None) -> list[Block]:
+    from .figures import FIGURE_FILES
+
+    blocks: list[Block] = [("h", 2, f"run {run.name}"), ("p", f"folder: `{run}`")]
+    summary = config_summary(run)
+    if summary:
+        blocks += [("h", 3, "configuration"), ("table", ["setting", "value"], [list(r) for r in summary])]
+    rows = metrics_rows(run)
+    if rows:
+        blocks += [("h", 3, "target-test accuracy"),
+                   ("table", ["method", "stage", "final", "best during training (oracle)", "seconds"], rows)]
+    secs = seconds_rows(run)
+    if secs:
+        blocks += [("h", 3, "seconds per stage"), ("table", ["stage", "seconds"], secs)]
+    blocks += _results_blocks(run)
+    figs = _figures(run, spare)
+    if figs:
+        blocks.append(("h", 3, "figures"))
+        captions = dict(FIGURE_FILES, **{"losses.png": "CycleGAN losses (Eq. 1-3)"})
+        blocks += [("img", p, captions.get(p.name, p.stem)) for p in figs]
+    return blocks
+
+
+def overview_rows(runs: list[Path]) -> list[list[str]]:
+    out = []
+    for run in runs:
+        cfg = _load_yaml(run / "config.yaml")
+        m = _load_json(run / "metrics.json") or {}
+        src = m.get("source_only", {}).get("target_test_accuracy") if isinstance(m, dict) else None
+        daaa = m.get("daaa", {}).get("target_test_accuracy") if isinstance(m, dict) else None
+        out.append([run.name, str(cfg.get("preset", "-")), str((cfg.get("runtime") or {}).get("seed", "-")),
+                    _pct(src), _pct(daaa)])
+    return out
+
+
+def build_report(runs: list[Path], spare: Path | None = None) -> list[Block]:
+    """The report's blocks; figures missing from a run folder are made into ``spare``/<k>_<run name>/."""
+    blocks: list[Block] = [("h", 1, "DAAA report")]
+    if len(runs) > 1:
+        blocks += [("h", 2, "overview"),
+                   ("table", ["run", "preset", "seed", "source only", "DAAA"], overview_rows(runs))]
+    for k, run in enumerate(runs):
+        blocks += run_blocks(run, None if spare is None else spare / f"{k}_{run.name}")
+    return blocks
+
+
+# ---------------------------------------------------------------------------------------------------------- renderers
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(blocks: list[Block], out: Path) -> str:
+    lines: list[str] = []
+    for b in blocks:
+        kind = b[0]
+        if kind == "h":
+            lines += ["#" * b[1] + " " + b[2], ""]
+        elif kind == "p":
+            lines += [b[1], ""]
+        elif kind == "table":
+            header, rows = b[1], b[2]
+            lines.append("| " + " | ".join(_md_escape(h) for h in header) + " |")
+            lines.append("|" + "|".join("---" for _ in header) + "|")
+            lines += ["| " + " | ".join(_md_escape(str(c)) for c in r) + " |" for r in rows]
+            lines.append("")
+        elif kind == "img":
+            rel = Path(os.path.relpath(b[1].resolve(), out.parent.resolve())).as_posix()
+            lines += [f"![{b[2]}]({rel})", "", f"*{b[2]}*", ""]
+        elif kind == "md":
+            lines += [b[1].rstrip(), ""]
+        elif kind == "code":
+            lines += ["```", b[1], "```", ""]
+    return "\n".join(lines)
+
+
+def _inline(text: str) -> str:
+    """Escaped text with `code` spans."""
+    parts = text.split("`")
+    return "".join(f"<code>{html.escape(p)}</code>" if i % 2 else html.escape(p) for i, p in enumerate(parts))
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{_inline(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_inline(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _md_to_html(text: str) -> str:
+    """Enough Markdown for results.md: headings, pipe tables, paragraphs."""
+    out, table = [], []
+
+    def flush() -> None:
+        if table:
+            cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table]
+            body = [r for r in cells[1:] if not all(re.fullmatch(r":?-{2,}:?", c) for c in r)]
+            out.append(_html_table(cells[0], body))
+            table.clear()
+
+    for line in text.splitlines():
+        if line.strip().startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        m = re.match(r"(#{1,6})\s+(.*)", line)
+        if m:
+            level = min(6, len(m.group(1)) + 2)
+            out.append(f"<h{level}>{_inline(m.group(2))}</h{level}>")
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+    flush()
+    return "\n".join(out)
+
+
+_CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:0.5em 0 1.2em}td,th{border:1px solid #bbb;padding:3px 8px;"
+        "text-align:left}th{background:#eee}img{max-width:100%;border:1px solid #ddd}"
+        "figure{margin:1em 0}figcaption{font-style:italic;color:#555}code{background:#f3f3f3}")
+
+
+def render_html(blocks: list[Block]) -> str:
+    parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\"><title>DAAA report</title>",
+             f"<style>{_CSS}</style></head><body>"]
+    for b in blocks:
+        kind = b[0]
+        if kind == "h":
+            parts.append(f"<h{b[1]}>{_inline(b[2])}</h{b[1]}>")
+        elif kind == "p":
+            parts.append(f"<p>{_inline(b[1])}</p>")
+        elif kind == "table":
+            parts.append(_html_table(b[1], b[2]))
+        elif kind == "img":
+            data = base64.b64encode(b[1].read_bytes()).decode("ascii")
+            parts.append(f"<figure><img alt=\"{html.escape(b[2])}\" src=\"data:image/png;base64,{data}\">"
+                         f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
+        elif kind == "md":
+            parts.append(_md_to_html(b[1]))
+        elif kind == "code":
+            parts.append(f"<pre>{html.escape(b[1])}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(runs: list[str | Path], out: str | Path | None = None) -> Path:
+    """Write the report of ``runs`` to ``out`` (HTML for .html/.htm, else Markdown); default: RUN/report.md for
+    one run, ./report.md for several. Returns the path written."""
+    from .runs import atomic_write_text
+
+    paths = [Path(r).expanduser() for r in runs]
+    if not paths:
+        raise DaaaError("daaa report: give at least one run folder")
+    for p in paths:
+        if not p.is_dir():
+            raise DaaaError(f"{p}: not a run folder (no such directory)")
+        if not any((p / f).exists() for f in ("config.yaml", "metrics.json", "results.json", "results.md")):
+            raise DaaaError(f"{p}: not a run folder (no config.yaml, metrics.json or results.json)")
+    out = Path(out).expanduser() if out else (paths[0] / "report.md" if len(paths) == 1 else Path("report.md"))
+    if out.suffix.lower() in (".html", ".htm"):  # images embedded: figures made here are temporary
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            text = render_html(build_report(paths, Path(tmp)))
+    else:  # linked: figures made here stay beside the report, in <report name>_files/
+        text = render_markdown(build_report(paths, out.parent / f"{out.stem}_files"), out)
+    atomic_write_text(out, text)
+    return out
