@@ -112,7 +112,8 @@ def _layer_index(layer_names: Sequence[str], layer: str | int | None) -> int:
 def plot_attention_maps(images: torch.Tensor, maps_by_model: dict[str, Sequence[torch.Tensor]],
                         layer_names: Sequence[str], path: str | Path, layer: str | int | None = None,
                         overlay: bool = True, labels: torch.Tensor | None = None,
-                        predictions: dict[str, torch.Tensor] | None = None, title: str | None = None) -> Path:
+                        predictions: dict[str, torch.Tensor] | None = None, title: str | None = None,
+                        class_names: Sequence[str] | None = None) -> Path:
     """The paper's Fig. 1: one row per (target) image; columns: the input, then each network's attention map.
 
     ``images`` uint8 (N, C, H, W); ``maps_by_model[name][l]`` the maps (N, h*w) (or (N, h, w)) of layer
@@ -120,7 +121,7 @@ def plot_attention_maps(images: torch.Tensor, maps_by_model: dict[str, Sequence[
     index; default the last, as the paper shows the last conv layer). Each map is upsampled to the image size and
     scaled to [0, 1] per image; ``overlay`` draws it (jet colours) over a dimmed grey copy of the input, otherwise
     alone. With ``labels`` and ``predictions[name]`` (N,) each map is captioned with its network's prediction
-    (green when right, red when wrong).
+    (green when right, red when wrong); ``class_names`` names the labels.
 
     The grid is composed as one image (one matplotlib axes): fast even for many rows.
     """
@@ -168,12 +169,14 @@ def plot_attention_maps(images: torch.Tensor, maps_by_model: dict[str, Sequence[
         ax.text(j * cw + side / 2, -3, name, ha="center", va="bottom", fontsize=7)
     for i in range(n):
         if labels is not None:
-            ax.text(-4, i * rh + side / 2, f"class {int(labels[i])}", ha="right", va="center", fontsize=7,
-                    rotation=90)
+            c = int(labels[i])
+            ax.text(-4, i * rh + side / 2, f"class {class_names[c] if class_names else c}"[:18], ha="right",
+                    va="center", fontsize=7, rotation=90)
         for j, name in enumerate(names):
             if caption and name in predictions:
                 p, t = int(predictions[name][i]), int(labels[i])
-                ax.text((j + 1) * cw + side / 2, i * rh + side + 1, f"pred {p}", ha="center", va="top", fontsize=7,
+                shown = class_names[p][:12] if class_names else p
+                ax.text((j + 1) * cw + side / 2, i * rh + side + 1, f"pred {shown}", ha="center", va="top", fontsize=7,
                         color="green" if p == t else "red")
     fig.suptitle(suptitle, fontsize=9, y=1 - 6 / h_px, va="top")
     return _save(fig, path)
@@ -459,10 +462,14 @@ def _load_net(cfg, num_classes: int, path: Path):
 
     from .models import build_model
 
-    # the weights come from the file: never fetch ImageNet weights just to overwrite them
-    net = build_model(dataclasses.replace(cfg.model, pretrained="none"), num_classes, cfg.data.channels,
-                      cfg.data.image_size)
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    # the weights come from the file: never fetch ImageNet weights nor initialise (ResNet-50: a second) just to
+    # overwrite them -- the network is built without storage and takes the file's tensors (memory-mapped)
+    with torch.device("meta"):
+        net = build_model(dataclasses.replace(cfg.model, pretrained="none"), num_classes, cfg.data.channels,
+                          cfg.data.image_size)
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True), assign=True)
+    if any(t.is_meta for t in (*net.parameters(), *net.buffers())):  # a tensor the file does not hold
+        raise ValueError(f"{path}: does not hold every tensor of the network")
     return net.eval()
 
 
@@ -473,6 +480,8 @@ def attention_networks(run_dir: str | Path) -> dict[str, Path]:
             "target net trained\non labelled T": run_dir / TARGET_SUPERVISED_STAGE / "model.pt",
             "adapted without\nL_AT": run_dir / "rows" / "ours-without-L_AT" / "model.pt",
             "adapted target net\n(DAAA)": run_dir / "adapt" / "model.pt"}
+    if not cols["adapted target net\n(DAAA)"].exists():  # a `daaa reproduce` run folder: the "ours" row
+        cols["adapted target net\n(DAAA)"] = run_dir / "rows" / "ours" / "model.pt"
     return {k: p for k, p in cols.items() if p.exists()}
 
 
@@ -508,7 +517,11 @@ def attention_figure(run_dir: str | Path, cfg, data, path: str | Path, n: int = 
             preds[name] = net(x).argmax(1).cpu()
             # (N, h, w): a flat map of a non-square layer would be ambiguous
             maps[name] = [attention_map(f, kind).cpu().view(f.shape[0], *f.shape[-2:]) for f in rec.features]
+    if layer is None:  # the last aligned layer whose map has some resolution (small images: ResNet's last is 1x1)
+        sizes = [m.shape[1] * m.shape[2] for m in next(iter(maps.values()))]
+        layer = max((i for i, hw in enumerate(sizes) if hw >= 9), default=len(sizes) - 1)
     return plot_attention_maps(images, maps, layers, path, layer=layer, labels=labels, predictions=preds,
+                               class_names=domain.classes,
                                title=f"Fig. 1: attention ({kind}) of layer "
                                      f"{layers[_layer_index(layers, layer)]} on {domain.name}")
 

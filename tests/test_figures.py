@@ -18,8 +18,8 @@ from PIL import Image
 from daaa.figures import (make_run_figures, plot_attention_maps, plot_confusion, plot_sweeps, plot_training_analysis,
                           read_history, sync_steps)
 
-SMOKE = ["--preset", "smoke", "--quiet", "--set", "data.demo_source=100", "--set", "data.demo_target_train=100",
-         "--set", "data.demo_target_test=50", "--set", "cyclegan.steps=2", "--set", "cyclegan.decay_start=1"]
+SMOKE = ["--preset", "smoke", "--quiet", "--set", "data.demo_source=60", "--set", "data.demo_target_train=60",
+         "--set", "data.demo_target_test=30", "--set", "cyclegan.steps=2", "--set", "cyclegan.decay_start=1"]
 RUN_FIGURES = ("fig1_attention.png", "fig3_pairs.png", "fig4_training.png", "confusion.png")
 
 
@@ -108,7 +108,8 @@ def test_plot_confusion(tmp_path: Path) -> None:
     m = torch.tensor([[5, 1, 0], [0, 6, 1], [2, 0, 4]])
     assert_png(plot_confusion(m, ["a", "b", "c"], tmp_path / "c1.png"))
     big = torch.randint(0, 9, (31, 31)) + torch.eye(31, dtype=torch.long) * 30  # Office-31 size: no annotations
-    assert_png(plot_confusion({"source only": big, "DAAA": big.tolist()}, None, tmp_path / "c2.png"))
+    assert_png(plot_confusion({"DAAA": big.tolist()}, [f"class_{i}" for i in range(31)], tmp_path / "c2.png"))
+    assert_png(plot_confusion({"source only": m, "DAAA": m.tolist()}, None, tmp_path / "c3.png"))
 
 
 # ------------------------------------------------------------------------------------------- end to end, smoke budget
