@@ -539,6 +539,13 @@ def _confusion_of(net, domain, data_cfg, device, batch_size: int = 256) -> torch
     return conf
 
 
+def _run_name(run_dir: Path) -> str:
+    """RUN's name; TASK/seedK for a `daaa reproduce` run folder."""
+    import re
+
+    return f"{run_dir.parent.name}/{run_dir.name}" if re.fullmatch(r"seed\d+", run_dir.name) else run_dir.name
+
+
 def _read_json(path: Path) -> dict:
     import json
 
@@ -576,8 +583,9 @@ def make_run_figures(run_dir: str | Path, cfg=None, data=None, device: torch.dev
         return out / "fig3_pairs.png"
 
     def fig4() -> Path | None:
-        hists = {"ours (beta > 0)" if _stage_result(run_dir, "adapt").get("beta", 1) else "ours":
-                 read_history(run_dir / "adapt" / "history.jsonl"),
+        ours = "adapt" if (run_dir / "adapt" / "history.jsonl").exists() else "rows/ours"  # reproduce: rows/ours
+        hists = {"ours (beta > 0)" if _stage_result(run_dir, ours).get("beta", 1) else "ours":
+                 read_history(run_dir / ours / "history.jsonl"),
                  "ours without L_AT (beta = 0)": read_history(run_dir / "rows" / "ours-without-L_AT" / "history.jsonl")}
         hists = {k: v for k, v in hists.items() if v}
         if not hists:
@@ -585,7 +593,7 @@ def make_run_figures(run_dir: str | Path, cfg=None, data=None, device: torch.dev
         src_acc = _stage_result(run_dir, "source").get("target_test_accuracy",
                                                        metrics.get("source_only", {}).get("target_test_accuracy"))
         refs = {"source only": src_acc} if src_acc is not None else None
-        return plot_training_analysis(hists, out / "fig4_training.png", refs, title=f"training analysis: {run_dir.name}")
+        return plot_training_analysis(hists, out / "fig4_training.png", refs, title=f"training analysis: {_run_name(run_dir)}")
 
     def confusion() -> Path | None:
         mats: dict[str, Any] = {}

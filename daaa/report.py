@@ -106,7 +106,7 @@ def metrics_rows(run: Path) -> list[list[str]]:
     src = _stage_result(run / "source" / "stage.json")
     if src or "source_only" in metrics:
         acc = src.get("target_test_accuracy", metrics.get("source_only", {}).get("target_test_accuracy"))
-        rows.append(["source only (CNN, S)", "source", _pct(acc), _pct(src.get("oracle_best_accuracy")),
+        rows.append(["source only (S)", "source", _pct(acc), _pct(src.get("oracle_best_accuracy")),
                      _secs(src.get("seconds", seconds.get("source")))])
     ad = _stage_result(run / "adapt" / "stage.json")
     if ad or "daaa" in metrics:
@@ -241,8 +241,9 @@ def render_markdown(blocks: list[Block], out: Path) -> str:
         elif kind == "img":
             rel = Path(os.path.relpath(b[1].resolve(), out.parent.resolve())).as_posix()
             lines += [f"![{b[2]}]({rel})", "", f"*{b[2]}*", ""]
-        elif kind == "md":
-            lines += [b[1].rstrip(), ""]
+        elif kind == "md":  # its headings go below the run's own (### and deeper)
+            lines += [re.sub(r"^(#{1,6})(?=\s)", lambda m: "#" * min(6, len(m.group(1)) + 3), line)
+                      for line in b[1].rstrip().splitlines()] + [""]
         elif kind == "code":
             lines += ["```", b[1], "```", ""]
     return "\n".join(lines)
@@ -278,7 +279,7 @@ def _md_to_html(text: str) -> str:
         flush()
         m = re.match(r"(#{1,6})\s+(.*)", line)
         if m:
-            level = min(6, len(m.group(1)) + 2)
+            level = min(6, len(m.group(1)) + 3)
             out.append(f"<h{level}>{_inline(m.group(2))}</h{level}>")
         elif line.strip():
             out.append(f"<p>{_inline(line)}</p>")
