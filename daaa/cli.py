@@ -96,6 +96,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="FILE.md (relative image links) or FILE.html (self-contained); default: "
                    "RUN/report.md for one run, ./report.md for several")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    p = sub.add_parser("reproduce", help="every row of one of the paper's tables (or Fig. A1's sweeps) over seeds, "
+                       "baselines and label-free model selection included; writes OUT/results.{md,csv,json}")
+    p.add_argument("experiment", choices=["table1", "table2", "table3", "table4", "tableA1", "figA1"],
+                   help="table1: MNIST->MNIST-M; table2: Office-31 six tasks; table3: EM variants; table4: attention "
+                   "discrepancies; tableA1: attention kinds; figA1: p_t and beta sweeps on D->A")
+    p.add_argument("--out", required=True, help="where results.md, results.csv, results.json and log.txt go")
+    p.add_argument("--seeds", type=int, default=1, help="runs per row with seeds runtime.seed + 0..K-1 (default 1)")
+    p.add_argument("--tasks", help="comma-separated subset or other tasks, e.g. A-W,D-A (default: the paper's)")
+    p.add_argument("--rows", help="comma-separated row keys (default: every row of the table; DAN can be added)")
+    p.add_argument("--runs", help="folder of the per-task run folders (default: --out); give several experiments "
+                   "the same one to share translations, source networks and identical rows")
+    p.add_argument("--digits-data", choices=["auto", "mnist", "demo"], default="auto",
+                   help="MNIST->MNIST-M data: built-in MNIST/MNIST-M when present under data.data_root (auto, no "
+                   "download), else the embedded demo pair")
+    p.add_argument("--pt-values", help="figA1: comma-separated p_t values (default 0.5,0.7,0.8,0.9,0.95,0.99)")
+    p.add_argument("--beta-values", help="figA1: comma-separated beta values (default 0,0.1,0.3,1,3,10)")
+    p.add_argument("--overwrite", action="store_true", help="discard stages made by another config")
+    p.add_argument("--preset", help="configuration preset or YAML file (default: digits for table1, office31 "
+                   "otherwise)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable); data.source_val_fraction is 0.1 unless set")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -240,6 +264,51 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str | None, option: str) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DaaaError(f"{option}: expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .config import load_config
+    from .reproduce import EXPERIMENTS, parse_tasks, reproduce
+    from .runs import prepare_run_dir, setup_logging
+
+    exp = EXPERIMENTS[args.experiment]
+    overrides = list(args.overrides)
+    if not any(o.partition("=")[0].strip() == "data.source_val_fraction" for o in overrides):
+        overrides.insert(0, "data.source_val_fraction=0.1")  # the held-out split of label-free selection
+    cfg = load_config(args.preset or exp.default_preset, overrides)
+    if args.quiet:
+        cfg.runtime.progress = False
+    ctx = distributed.setup(cfg.runtime)
+    out = prepare_run_dir(args.out) if ctx.is_main else Path(args.out)
+    ctx.barrier()
+    setup_logging(out if ctx.is_main else None, verbose=ctx.is_main)
+    res = reproduce(args.experiment, cfg, ctx, out, args.seeds, parse_tasks(args.tasks) if args.tasks else None,
+                    [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None, args.runs,
+                    args.digits_data, _floats(args.pt_values, "--pt-values"), _floats(args.beta_values, "--beta-values"),
+                    args.overwrite, overrides)
+    if ctx.is_main:
+        c = res["primary_criterion"]
+        print(f"{res['title']}: accuracy (%) of the snapshot selected by {c} / final / oracle, mean over seeds")
+        for row in res["rows"]:
+            cells = []
+            for t in res["tasks"]:
+                cell = row["results"].get(t) or {}
+                vals = [(cell.get("selected", {}).get(c) or {}).get("mean"), (cell.get("final") or {}).get("mean"),
+                        (cell.get("oracle") or {}).get("mean")]
+                cells.append(f"{t} " + "/".join("-" if v is None else f"{v * 100:.1f}" for v in vals))
+            print(f"  {row['label'][:28]:<28s} {'  '.join(cells)}")
+        print(f"results: {out / 'results.md'} (.csv, .json); {res['seconds']['wall']:.0f} s")
+    return 0
+
+
 def _print_summary(metrics: dict, run_dir: Path) -> None:
     rows = [("source only", metrics.get("source_only", {}).get("target_test_accuracy")),
             ("DAAA", metrics.get("daaa", {}).get("target_test_accuracy"))]
@@ -251,7 +320,7 @@ def _print_summary(metrics: dict, run_dir: Path) -> None:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train-source": cmd_train_source, "translate": cmd_translate, "adapt": cmd_run, "run": cmd_run,
-    "demo": cmd_demo, "evaluate": cmd_evaluate, "data": cmd_data,
+    "demo": cmd_demo, "evaluate": cmd_evaluate, "data": cmd_data, "reproduce": cmd_reproduce,
     "report": cmd_report,
 }
 

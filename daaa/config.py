@@ -39,6 +39,10 @@ class DataConfig:
     demo_target_train: int = 2000
     demo_target_test: int = 1000
     mnistm_backgrounds: str = ""  # folder of photos (e.g. BSDS500) for building MNIST-M; "" = packaged photos
+    # fraction of each source class held out (deterministic, stratified) as the labelled source-validation split of
+    # label-free model selection (IWCV / DEV, see `selection`); 0 = train on all of S (every command but
+    # `daaa reproduce`, which uses 0.1 unless set)
+    source_val_fraction: float = 0.0
 
 
 @dataclass
@@ -127,6 +131,41 @@ class AdaptConfig:
 
 
 @dataclass
+class BaselineConfig:
+    """The feature-alignment baselines DANN (RevGrad), DAN (MK-MMD) and JAN (JMMD) of Tables 1-2.
+
+    They run under the adapt settings -- ``adapt.steps``, ``adapt.batch_size``, ``adapt.optim`` (its schedule is
+    never restarted: there is no M_post), ``adapt.eval_interval`` and ``adapt.checkpoint_interval`` -- on the same data
+    and network, from the fine-tuned source network like the DAAA target network.
+    """
+
+    tradeoff: float = 1.0  # weight of the domain loss (DANN) or of the MMD / JMMD (DAN / JAN), tllib's default
+    # real source / synthetic target / real target / synthetic source per mini-batch: S and T halves
+    proportions: list[float] = field(default_factory=lambda: [0.5, 0.0, 0.5, 0.0])
+    discriminator_hidden: int = 1024  # DANN domain classifier: features -> hidden -> hidden -> 1
+    discriminator_dropout: float = 0.5
+    grl_alpha: float = 10.0  # gradient-reversal warm-up 2 / (1 + exp(-alpha p)) - 1, p = step / steps (Ganin et al.)
+    # Gaussian bandwidths as multiples of the mean pairwise squared distance: features (DAN, JAN) and softmax (JAN)
+    kernel_mults: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
+    softmax_kernel_mults: list[float] = field(default_factory=lambda: [1.0])
+    linear_mmd: bool = False  # the linear-time estimate of DAN/JAN Eq. 6/11 instead of the quadratic V-statistic
+    init_from_source: bool = True  # start from the fine-tuned source network (False: from data as new_model builds it)
+
+
+@dataclass
+class SelectionConfig:
+    """Label-free model selection (daaa.validation): criteria computed at every evaluation when the source has a
+    held-out validation split (``data.source_val_fraction > 0``)."""
+
+    # iwcv (JAN's protocol) and dev: importance-weighted source-validation risk (lower is better); snd: soft
+    # neighbourhood density of target predictions (higher); source_val: plain source-validation accuracy (higher)
+    criteria: list[str] = field(default_factory=lambda: ["iwcv", "dev", "snd", "source_val"])
+    primary: str = "iwcv"  # the criterion of the "selected" column of `daaa reproduce` and of figA1's beta choice
+    max_target_samples: int = 1000  # unlabelled target-train images the criteria look at (a fixed subset)
+    domain_classifier_c: float = 1.0  # inverse L2 strength of the density-ratio logistic regression
+
+
+@dataclass
 class RuntimeConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -145,6 +184,8 @@ class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
     cyclegan: CycleGANConfig = field(default_factory=CycleGANConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -298,6 +339,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"option data.load_size: {cfg.data.load_size} is smaller than data.image_size {cfg.data.image_size}")
     if a.beta < 0:
         raise ConfigError(f"option adapt.beta: {a.beta} must be >= 0")
+    if not 0.0 <= cfg.data.source_val_fraction < 1.0:
+        raise ConfigError(f"option data.source_val_fraction: {cfg.data.source_val_fraction} is not in [0, 1)")
+    b = cfg.baseline
+    if len(b.proportions) != 4 or any(p < 0 for p in b.proportions) or b.proportions[0] <= 0 or b.proportions[2] <= 0:
+        raise ConfigError("option baseline.proportions: expected four non-negative numbers for S, Tf, T, Sf with S > 0 and T > 0")
+    if b.tradeoff < 0 or b.discriminator_hidden <= 0 or not 0.0 <= b.discriminator_dropout < 1.0:
+        raise ConfigError("options baseline.tradeoff >= 0, baseline.discriminator_hidden > 0 and "
+                          "baseline.discriminator_dropout in [0, 1) are required")
+    if not b.kernel_mults or not b.softmax_kernel_mults or min(b.kernel_mults + b.softmax_kernel_mults) <= 0:
+        raise ConfigError("options baseline.kernel_mults and baseline.softmax_kernel_mults: non-empty lists of positive numbers")
+    sel = cfg.selection
+    known = ("iwcv", "dev", "snd", "source_val")
+    bad = [c for c in sel.criteria if c not in known]
+    if bad or not sel.criteria:
+        raise ConfigError(f"option selection.criteria: {bad or sel.criteria} (choose from {', '.join(known)})")
+    if sel.primary not in sel.criteria:
+        raise ConfigError(f"option selection.primary: {sel.primary!r} is not in selection.criteria {sel.criteria}")
+    if sel.max_target_samples < 2 or sel.domain_classifier_c <= 0:
+        raise ConfigError("options selection.max_target_samples >= 2 and selection.domain_classifier_c > 0 are required")
 
 
 def load_config(preset: str = "digits", overrides: list[str] | dict[str, Any] | None = None) -> Config:

@@ -35,6 +35,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# The feature-alignment baselines (daaa.trainers.baselines) as rows: the same data, network, optimiser, steps,
+# batch, seed and evaluation as the rows above, from the fine-tuned source network; ``extra`` of run_variant then
+# changes fields of cfg.baseline (e.g. {"tradeoff": 0.3}).
+BASELINE_VARIANTS: dict[str, str] = {"DANN": "dann", "DAN": "dan", "JAN": "jan"}
+
+
 def variant_spec(cfg: Config, name: str, extra: dict[str, Any] | None = None) -> AdaptConfig:
     changes = dict(VARIANTS[name]) if name in VARIANTS else {}
     changes.update(extra or {})
@@ -47,6 +53,12 @@ def variant_spec(cfg: Config, name: str, extra: dict[str, Any] | None = None) ->
 def run_variant(run_dir: Path, cfg: Config, ctx: Context, data: pipeline.RunData, source_model, name: str,
                 extra: dict[str, Any] | None = None, stage_name: str | None = None,
                 overwrite: bool = False) -> dict[str, Any]:
+    if name in BASELINE_VARIANTS:
+        from .trainers.baselines import train_baseline
+
+        _, result = train_baseline(run_dir, cfg, data, ctx, source_model, BASELINE_VARIANTS[name],
+                                   stage_name or f"rows/{name}", overwrite, extra, desc=name)
+        return result
     spec = variant_spec(cfg, name, extra)
     _, result = pipeline.adapt(run_dir, cfg, data, ctx, source_model, stage_name or f"rows/{name}", spec,
                                overwrite, desc=name)

@@ -25,6 +25,7 @@ from .errors import DaaaError
 from .models import build_model
 from .runs import Stage, atomic_torch_save, update_metrics
 from .trainers.adapt import DAAATrainer, DomainData
+from .validation import SelectionProbe, split_source_validation
 
 LOG = logging.getLogger("daaa")
 
@@ -37,6 +38,8 @@ class RunData:
     synthetic_target: torch.Tensor | None = None
     synthetic_source: torch.Tensor | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    # labelled source images held out of training for label-free model selection (data.source_val_fraction)
+    source_val: ImageTensors | None = None
 
     def domain_data(self) -> DomainData:
         return DomainData(self.source, self.target, self.synthetic_target, self.synthetic_source, self.target_test)
@@ -53,7 +56,11 @@ def load_data(cfg: Config, source: str, target: str | None, target_test: str | N
             raise DaaaError(f"--target-test {target_test}: the target test set needs labels (layout ROOT/<class>/<image>)")
         check_same_classes(src, test)
     tgt = load_domain_tensors(target, "target", cfg.data) if target else None
-    data = RunData(src, test, tgt)
+    src, val = split_source_validation(src, cfg.data.source_val_fraction)
+    data = RunData(src, test, tgt, source_val=val)
+    if val is not None:
+        LOG.info("data: %d source images held out for model selection (data.source_val_fraction=%g)",
+                 len(val), cfg.data.source_val_fraction)
     data.seconds["load_data"] = time.perf_counter() - t0
     LOG.info("data: source %s (%d images, %d classes), target %s, target-test %s", src.name, len(src),
              len(src.classes or []), f"{tgt.name} ({len(tgt)})" if tgt else "-", f"{test.name} ({len(test)})" if test else "-")
@@ -77,6 +84,15 @@ def source_spec(cfg: Config) -> AdaptConfig:
                        init_from_source=False)
 
 
+def selection_probe(cfg: Config, data: RunData, ctx: Context) -> SelectionProbe | None:
+    """The label-free selection criteria recorded at each evaluation (daaa.validation); None without a
+    source-validation split (data.source_val_fraction = 0), so other runs keep their stage keys and costs."""
+    if data.source_val is None:
+        return None
+    probe = SelectionProbe(data.source_val, data.target, cfg.data, ctx, cfg.selection, data.source)
+    return probe if probe.active else None
+
+
 def _stage(run_dir: Path, name: str, key: dict[str, Any], overwrite: bool = False) -> Stage:
     stage = Stage(run_dir, name, key)
     if overwrite and stage.dir.exists():
@@ -91,6 +107,10 @@ def train_source(run_dir: Path, cfg: Config, data: RunData, ctx: Context, overwr
     key = {"source": dataclasses.asdict(cfg.source), "model": dataclasses.asdict(cfg.model),
            "data": _data_key(cfg), "seed": cfg.runtime.seed,
            "inputs": [fingerprint(data.source.images, data.source.labels)]}
+    probe = selection_probe(cfg, data, ctx)
+    if probe is not None:  # the criteria are part of the result
+        key["selection"] = dataclasses.asdict(cfg.selection)
+        key["inputs"].append(fingerprint(data.source_val.images, data.target.images if data.target else None))
     stage = _stage(run_dir, "source", key, overwrite)
     model = new_model(cfg, data)
     done = stage.done()
@@ -102,7 +122,8 @@ def train_source(run_dir: Path, cfg: Config, data: RunData, ctx: Context, overwr
         stage.begin()
     t0 = time.perf_counter()
     trainer = DAAATrainer(source_spec(cfg), cfg.data, DomainData(data.source, target_test=data.target_test), ctx,
-                          stage, model, None, cfg.runtime.seed, cfg.runtime.progress, desc="source")
+                          stage, model, None, cfg.runtime.seed, cfg.runtime.progress, desc="source",
+                          probe=probe)
     result = trainer.fit()
     result["seconds"] = time.perf_counter() - t0
     if ctx.is_main:
@@ -150,6 +171,10 @@ def adapt(run_dir: Path, cfg: Config, data: RunData, ctx: Context, source_model:
            "inputs": [fingerprint(data.source.images, data.source.labels),
                       fingerprint(data.target.images if data.target else None),
                       fingerprint(data.synthetic_target, data.synthetic_source)]}
+    probe = selection_probe(cfg, data, ctx)
+    if probe is not None:  # the criteria are part of the result
+        key["selection"] = dataclasses.asdict(cfg.selection)
+        key["inputs"].append(fingerprint(data.source_val.images))
     stage = _stage(run_dir, stage_name, key, overwrite)
     model = new_model(cfg, data)
     if spec.init_from_source:
@@ -167,7 +192,7 @@ def adapt(run_dir: Path, cfg: Config, data: RunData, ctx: Context, source_model:
         guide.load_state_dict(source_model.state_dict())
     t0 = time.perf_counter()
     trainer = DAAATrainer(spec, cfg.data, data.domain_data(), ctx, stage, model, guide, cfg.runtime.seed,
-                          cfg.runtime.progress, desc=desc or stage_name)
+                          cfg.runtime.progress, desc=desc or stage_name, probe=probe)
     result = trainer.fit()
     result["seconds"] = time.perf_counter() - t0
     result["train_data"], result["beta"] = spec.train_data, spec.beta
@@ -182,6 +207,8 @@ def _data_key(cfg: Config) -> dict[str, Any]:
     d = dataclasses.asdict(cfg.data)
     for k in ("data_root", "download"):  # where data came from does not change the result; its fingerprint does
         d.pop(k)
+    if not d.get("source_val_fraction"):  # absent = 0: run folders made before the option existed stay valid
+        d.pop("source_val_fraction", None)
     return d
 
 

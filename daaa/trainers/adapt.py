@@ -31,6 +31,7 @@ from ..errors import DaaaError
 from ..evaluate import evaluate
 from ..optim import build_optimizer, set_lr
 from ..runs import Stage
+from ..validation import summarize_selection
 from .loop import TrainingLoop, guard_finite
 
 LOG = logging.getLogger("daaa")
@@ -52,9 +53,10 @@ class DAAATrainer:
 
     def __init__(self, spec: AdaptConfig, data_cfg: DataConfig, data: DomainData, ctx: Context, stage: Stage,
                  target_net: nn.Module, source_net: nn.Module | None = None, seed: int = 0, progress: bool = True,
-                 desc: str = "adapt"):
+                 desc: str = "adapt", probe: Any = None):
         self.spec, self.data_cfg, self.data, self.ctx, self.stage = spec, data_cfg, data, ctx, stage
         self.seed, self.progress, self.desc = seed, progress, desc
+        self.probe = probe  # daaa.validation.SelectionProbe: label-free selection criteria at each evaluation
         self.streams = set(spec.train_data.split("+"))
         self._check_inputs(source_net)
         self.net = target_net.to(ctx.device)
@@ -248,10 +250,12 @@ class DAAATrainer:
             self._refresh_posteriors()
 
     def evaluate(self, step: int) -> dict[str, Any]:
-        if self.data.target_test is None or self.data.target_test.labels is None:
-            return {}
-        m = evaluate(self.net, self.data.target_test, self.data_cfg, self.ctx)
-        return {"target_test_accuracy": m["accuracy"]}
+        out: dict[str, Any] = {}
+        if self.data.target_test is not None and self.data.target_test.labels is not None:
+            out["target_test_accuracy"] = evaluate(self.net, self.data.target_test, self.data_cfg, self.ctx)["accuracy"]
+        if self.probe is not None:
+            out.update(self.probe(self.net))
+        return out
 
     def fit(self) -> dict[str, Any]:
         """Train for ``spec.steps`` steps (resuming from the stage's checkpoint) and return the stage result."""
@@ -268,6 +272,8 @@ class DAAATrainer:
             result.update({"target_test_accuracy": final["accuracy"], "target_test": final,
                            "oracle_best_accuracy": max(a for _, a in curve), "oracle_best_step":
                            max(curve, key=lambda c: c[1])[0], "accuracy_curve": curve})
+        if self.probe is not None:
+            result.update(summarize_selection(history, self.probe.criteria))
         return result
 
 

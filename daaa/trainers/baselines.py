@@ -1,0 +1,259 @@
+"""Feature-alignment baselines of Tables 1-2 trained under exactly the DAAA rows' settings.
+
+* ``dann`` -- DANN / RevGrad (Ganin & Lempitsky, ICML 2015): a domain discriminator on ``features`` behind a
+  gradient reversal layer whose coefficient warms up as 2 / (1 + exp(-alpha p)) - 1, p = step / steps;
+* ``dan`` -- DAN (Long et al., ICML 2015): multi-kernel MMD between the source and target ``features``;
+* ``jan`` -- JAN (Long et al., ICML 2017): joint MMD over [features, softmax(logits)].
+
+Identical settings to the DAAA rows: the same data (real S and real T only: the CycleGAN images are not used),
+network, optimiser and learning-rate schedule (``adapt.optim``; never restarted, as there is no M_post), steps and
+batch size (``adapt.steps``, ``adapt.batch_size``; mini-batches half S, half T by ``baseline.proportions``), seed,
+evaluation interval, target-test evaluation and label-free selection probe. The network starts from the fine-tuned
+source network (``baseline.init_from_source``), as the DAAA target network does and as tllib's baselines do after
+source pretraining; the discriminator (DANN) is new and trained at the head's learning rate (tllib's choice). Each
+mini-batch goes through the network in one forward (S | T), so batch-norm statistics mix both domains as in tllib.
+
+Under torchrun each rank computes the MMD / JMMD of its own shard of the batch (DDP averages the gradients): an
+estimate of the global-batch MMD, not the same number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..baselines import DomainAdversarialLoss, DomainDiscriminator, dann_coefficient, jmmd, mmd
+from ..batches import MixedBatchSampler
+from ..config import BaselineConfig, Config
+from ..data.domain import fingerprint
+from ..data.transforms import crop_params, prepare
+from ..distributed import Context
+from ..errors import DaaaError
+from ..evaluate import evaluate
+from ..optim import build_optimizer, set_lr
+from ..runs import Stage, atomic_torch_save
+from ..validation import summarize_selection
+from .adapt import DomainData
+from .loop import TrainingLoop, guard_finite
+
+LOG = logging.getLogger("daaa")
+
+Method = Literal["dann", "dan", "jan"]
+METHODS: dict[str, str] = {"dann": "DANN (RevGrad, gradient reversal)", "dan": "DAN (MK-MMD on features)",
+                           "jan": "JAN (JMMD on features and softmax)"}
+
+
+class BaselineNet(nn.Module):
+    """The classifier plus, for DANN, the adversarial domain loss -- one module, so DDP sees every parameter used
+    in ``forward``. ``forward(x, n_source, coeff) -> (features, logits, domain_loss or None)``."""
+
+    def __init__(self, net: nn.Module, adversary: DomainAdversarialLoss | None = None):
+        super().__init__()
+        self.net = net
+        self.adversary = adversary
+
+    def forward(self, x: torch.Tensor, n_source: int, coeff: float = 0.0):
+        f = self.net.features(x)
+        logits = self.net.head(f)
+        d = self.adversary(f[:n_source], f[n_source:], coeff) if self.adversary is not None else None
+        return f, logits, d
+
+    # the optimiser's parameter groups (daaa.optim.build_optimizer): the discriminator learns at the head's rate
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return self.net.backbone_parameters()
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        extra = list(self.adversary.parameters()) if self.adversary is not None else []
+        return self.net.head_parameters() + extra
+
+
+def feature_dim(net: nn.Module, channels: int, image_size: int) -> int:
+    """Width of ``net.features`` (one dummy forward in eval mode, on the network's device)."""
+    was = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    with torch.no_grad():
+        d = net.features(torch.zeros(2, channels, image_size, image_size, device=device)).flatten(1).shape[1]
+    net.train(was)
+    return int(d)
+
+
+class BaselineTrainer:
+    """Trains ``net`` with L_CE(S) + tradeoff * L_transfer(S, T) for ``cfg.adapt.steps`` steps."""
+
+    def __init__(self, method: Method, cfg: Config, bcfg: BaselineConfig, data: DomainData, ctx: Context,
+                 stage: Stage, net: nn.Module, seed: int = 0, progress: bool = True, desc: str | None = None,
+                 probe: Any = None):
+        if method not in METHODS:
+            raise DaaaError(f"unknown baseline {method!r} (choose {', '.join(METHODS)})")
+        if data.target is None:
+            raise DaaaError(f"baseline {method}: needs the unlabelled target domain (--target)")
+        if data.source.labels is None:
+            raise DaaaError(f"source domain {data.source.name} has no labels")
+        self.method, self.cfg, self.bcfg, self.data, self.ctx, self.stage = method, cfg, bcfg, data, ctx, stage
+        self.spec = cfg.adapt
+        self.seed, self.progress, self.desc, self.probe = seed, progress, desc or method, probe
+        self.net = net.to(ctx.device)
+        adversary = None
+        if method == "dann":
+            torch.manual_seed(seed)  # the discriminator's initial weights depend on the seed only
+            dim = feature_dim(self.net, cfg.data.channels, cfg.data.image_size)
+            adversary = DomainAdversarialLoss(DomainDiscriminator(dim, bcfg.discriminator_hidden,
+                                                                  bcfg.discriminator_dropout)).to(ctx.device)
+        self.module = BaselineNet(self.net, adversary)
+        if ctx.channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.model = ctx.wrap(self.module)
+        self.optimizer = build_optimizer(self.module, self.spec.optim)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype is torch.float16)
+        self.sampler = MixedBatchSampler(len(data.source), len(data.target), self.spec.batch_size, bcfg.proportions,
+                                         "S+T", seed, ctx.rank, ctx.world_size)
+
+    def step(self, step: int) -> dict[str, Any]:
+        ctx, spec, b = self.ctx, self.spec, self.bcfg
+        lr = set_lr(self.optimizer, spec.optim, step)  # the schedule of the whole run: no M_post, no restart
+        batch = self.sampler.batch(step)
+        n_s = len(batch.source_idx)
+        images = torch.cat([self.data.source.images[batch.source_idx], self.data.target.images[batch.target_idx]])
+        crops = None
+        if self.cfg.data.augment:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            crops = crop_params(images.shape[0], images.shape[-1], self.cfg.data.image_size, g)
+        x = prepare(images, self.cfg.data, train=True, crops=crops, device=ctx.device, channels_last=ctx.channels_last)
+        coeff = dann_coefficient(step / max(spec.steps, 1), b.grl_alpha) if self.method == "dann" else 0.0
+
+        self.model.train()
+        with ctx.autocast():
+            f, logits, domain_loss = self.model(x, n_s, coeff)
+        logits = logits.float()
+        labels = self.data.source.labels[batch.source_idx].to(ctx.device)
+        loss_ce = F.cross_entropy(logits[:n_s], labels)
+        if self.method == "dann":
+            transfer = domain_loss
+        elif self.method == "dan":
+            transfer = mmd(f[:n_s], f[n_s:], b.kernel_mults, b.linear_mmd)
+        else:  # jan
+            p = F.softmax(logits, dim=1)
+            transfer = jmmd([f[:n_s], p[:n_s]], [f[n_s:], p[n_s:]], [b.kernel_mults, b.softmax_kernel_mults],
+                            b.linear_mmd)
+        loss = loss_ce + b.tradeoff * transfer
+        sums = ctx.all_reduce_sum(torch.stack([loss_ce.detach(), transfer.detach()]).float()) / ctx.world_size
+        guard_finite(step, {"L_CE": sums[0], "L_transfer": sums[1]}, self.stage)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        out = {"loss": float(sums[0] + b.tradeoff * sums[1]), "L_CE": float(sums[0]), "L_transfer": float(sums[1]),
+               "lr": lr}
+        if self.method == "dann":
+            out["grl_coeff"] = coeff
+            out["domain_accuracy"] = self.module.adversary.domain_accuracy
+        return out
+
+    def state(self) -> dict:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.data.target_test is not None and self.data.target_test.labels is not None:
+            out["target_test_accuracy"] = evaluate(self.net, self.data.target_test, self.cfg.data, self.ctx)["accuracy"]
+        if self.probe is not None:
+            out.update(self.probe(self.net))
+        return out
+
+    def fit(self) -> dict[str, Any]:
+        spec = self.spec
+        loop = TrainingLoop(self.stage, self.ctx, spec.steps, spec.checkpoint_interval, spec.eval_interval,
+                            self.progress, self.desc)
+        history = loop.run(self.step, self.state, self.load_state, self.evaluate)
+        result: dict[str, Any] = {"steps": spec.steps, "resumed_from": loop.resumed_from, "method": self.method}
+        if self.data.target_test is not None and self.data.target_test.labels is not None:
+            final = evaluate(self.net, self.data.target_test, self.cfg.data, self.ctx)
+            curve = [(r["step"], r["target_test_accuracy"]) for r in history if "target_test_accuracy" in r]
+            best = max(curve, key=lambda c: c[1])
+            result.update({"target_test_accuracy": final["accuracy"], "target_test": final,
+                           "oracle_best_accuracy": best[1], "oracle_best_step": best[0], "accuracy_curve": curve})
+        if self.probe is not None:
+            result.update(summarize_selection(history, self.probe.criteria))
+        return result
+
+
+def baseline_key(cfg: Config, method: str, bcfg: BaselineConfig, data: Any, probe: Any) -> dict[str, Any]:
+    """What decides a baseline stage's result (see :class:`daaa.runs.Stage`)."""
+    from ..pipeline import _data_key
+
+    a = cfg.adapt
+    key: dict[str, Any] = {
+        "method": method, "baseline": dataclasses.asdict(bcfg),
+        "adapt": {"steps": a.steps, "batch_size": a.batch_size, "optim": dataclasses.asdict(a.optim),
+                  "eval_interval": a.eval_interval, "checkpoint_interval": a.checkpoint_interval},
+        "model": dataclasses.asdict(cfg.model), "data": _data_key(cfg), "seed": cfg.runtime.seed,
+        "inputs": [fingerprint(data.source.images, data.source.labels), fingerprint(data.target.images)],
+    }
+    if bcfg.init_from_source:
+        key["source"] = dataclasses.asdict(cfg.source)
+    if probe is not None:
+        key["selection"] = dataclasses.asdict(cfg.selection)
+        key["inputs"].append(fingerprint(data.source_val.images))
+    return key
+
+
+def train_baseline(run_dir: Path, cfg: Config, data: Any, ctx: Context, source_model: nn.Module | None,
+                   method: str, stage_name: str | None = None, overwrite: bool = False,
+                   changes: dict[str, Any] | None = None, desc: str | None = None) -> tuple[nn.Module, dict]:
+    """One baseline as a stage of a run folder (``RUN/<stage_name>``, default ``rows/<METHOD>``): trained once,
+    resumed from its checkpoint, reused when finished with the same key. ``data`` is a
+    :class:`daaa.pipeline.RunData`; ``changes`` override fields of ``cfg.baseline`` (e.g. ``{"tradeoff": 0.3}``).
+    Returns the trained network and the stage result (the adapt stages' fields: ``target_test_accuracy``,
+    ``oracle_best_accuracy``, ``accuracy_curve``, ``selection`` ...)."""
+    from ..pipeline import _strip, new_model, selection_probe
+
+    method = method.lower()
+    if method not in METHODS:
+        raise DaaaError(f"unknown baseline {method!r} (choose {', '.join(METHODS)})")
+    bcfg = dataclasses.replace(cfg.baseline, **(changes or {}))
+    probe = selection_probe(cfg, data, ctx)
+    stage = Stage(run_dir, stage_name or f"rows/{method.upper()}", baseline_key(cfg, method, bcfg, data, probe))
+    if overwrite:  # rank 0 removes the old stage, the others wait before they look at the folder
+        if ctx.is_main and stage.dir.exists():
+            import shutil
+            shutil.rmtree(stage.dir)
+        ctx.barrier()
+    stage.check_compatible()
+    model = new_model(cfg, data)
+    done = stage.done()
+    if done is not None:
+        model.load_state_dict(torch.load(stage.dir / "model.pt", map_location="cpu", weights_only=True))
+        LOG.info("%s: reusing the finished stage in %s", stage.name, stage.dir)
+        return model, done
+    if bcfg.init_from_source:
+        if source_model is None:
+            raise DaaaError(f"baseline {method}: baseline.init_from_source needs the source network")
+        model.load_state_dict(source_model.state_dict())
+    if ctx.is_main:
+        stage.begin()
+    t0 = time.perf_counter()
+    trainer = BaselineTrainer(method, cfg, bcfg, data.domain_data(), ctx, stage, model, cfg.runtime.seed,
+                              cfg.runtime.progress, desc or stage.name.split("/")[-1], probe)
+    result = trainer.fit()
+    result["seconds"] = time.perf_counter() - t0
+    result["train_data"] = "S+T"
+    if ctx.is_main:
+        atomic_torch_save({k: v.cpu() for k, v in model.state_dict().items()}, stage.dir / "model.pt")
+        stage.finish(_strip(result))
+    ctx.barrier()
+    return model, result
