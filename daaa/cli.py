@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .errors import DaaaError
+from .errors import DaaaError, NonFiniteLossError, PeerError
 
 LOG = logging.getLogger("daaa")
 
@@ -138,14 +139,29 @@ def _start(args: argparse.Namespace, cfg) -> tuple[Path, Any]:
     from .runs import prepare_run_dir, save_config, setup_logging
 
     ctx = distributed.setup(cfg.runtime)
-    run_dir = prepare_run_dir(args.out) if ctx.is_main else Path(args.out)
-    ctx.barrier()
+    run_dir = Path(args.out).expanduser()
+    with distributed.main_first(ctx):  # only rank 0 writes; if it cannot, the others stop too
+        if ctx.is_main:
+            run_dir = prepare_run_dir(run_dir)
+            save_config(run_dir, cfg.to_dict())
+    if not ctx.is_main:
+        _check_shared(run_dir / "config.yaml")
     setup_logging(run_dir if ctx.is_main else None, verbose=ctx.is_main)
     if ctx.is_main:
-        save_config(run_dir, cfg.to_dict())
         LOG.info("daaa %s: %s in %s (preset %s, seed %d, %s, world size %d)", __version__, args.command, run_dir,
                  cfg.preset, cfg.runtime.seed, ctx.device, ctx.world_size)
     return run_dir, ctx
+
+
+def _check_shared(path: Path, wait_s: float = 30.0) -> None:
+    """Ranks other than 0 read what rank 0 writes (translation, checkpoints): on several nodes --out must be on a
+    shared file system. Network file systems may show a new file late, hence the wait."""
+    deadline = time.monotonic() + wait_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise DaaaError(f"--out {path.parent}: rank 0 wrote {path.name} there but this node does not see it; "
+                            "with torchrun on several nodes the run folder must be on a shared file system")
+        time.sleep(0.5)
 
 
 def cmd_train_source(args: argparse.Namespace) -> int:
@@ -153,7 +169,7 @@ def cmd_train_source(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     run_dir, ctx = _start(args, cfg)
-    data = pipeline.load_data(cfg, args.source, None, args.target_test)
+    data = pipeline.load_data(cfg, args.source, None, args.target_test, ctx)
     _, result = pipeline.train_source(run_dir, cfg, data, ctx, args.overwrite)
     if ctx.is_main and "target_test_accuracy" in result:
         print(f"source-only target-test accuracy: {result['target_test_accuracy'] * 100:.2f}%  (run folder: {run_dir})")
@@ -165,10 +181,12 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     run_dir, ctx = _start(args, cfg)
-    if args.overwrite and (run_dir / "translate").exists():
-        import shutil
-        shutil.rmtree(run_dir / "translate")
-    data = pipeline.load_data(cfg, args.source, args.target, args.target_test)
+    if args.overwrite:
+        if ctx.is_main and (run_dir / "translate").exists():
+            import shutil
+            shutil.rmtree(run_dir / "translate")
+        ctx.barrier()
+    data = pipeline.load_data(cfg, args.source, args.target, args.target_test, ctx)
     pipeline.translate(run_dir, cfg, data, ctx)
     if ctx.is_main:
         print(f"translated {len(data.source)} source and {len(data.target)} target images: {run_dir / 'translate'}")
@@ -218,7 +236,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for p in (cfg_path, model_path):
         if not p.exists():
             raise DaaaError(f"--run {run}: {p} does not exist (is the stage finished?)")
-    cfg = config_from_dict({k: v for k, v in yaml.safe_load(cfg_path.read_text()).items() if k != "preset"})
+    try:
+        saved = yaml.safe_load(cfg_path.read_text())
+    except yaml.YAMLError as e:
+        raise DaaaError(f"{cfg_path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(saved, dict):
+        raise DaaaError(f"{cfg_path}: expected a mapping of config sections")
+    cfg = config_from_dict({k: v for k, v in saved.items() if k != "preset"})
     setup_logging(None, verbose=not args.quiet)
     ctx = distributed.setup(cfg.runtime)
     test = load_domain_tensors(args.target_test, "target_test", cfg.data)
@@ -228,7 +252,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if classes:
         check_same_classes(type("D", (), {"classes": classes, "name": "the trained network"})(), test)
     model = build_model(cfg.model, len(test.classes), cfg.data.channels, cfg.data.image_size)
-    model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+    try:
+        model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+    except Exception as e:  # truncated file, or a network of another shape than config.yaml describes
+        raise DaaaError(f"{model_path}: cannot be loaded as the network {run / 'config.yaml'} describes "
+                        f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
     metrics = evaluate(model.to(ctx.device), test, cfg.data, ctx)
     print(format_report(metrics, title=f"{run}/{args.stage} on {test.name}: "))
     if args.json:
@@ -325,16 +353,46 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _one_line(e: Exception) -> str:
+    if isinstance(e, OSError):
+        text = f"{e.filename}: {e.strerror}" if e.filename is not None and e.strerror else f"{type(e).__name__}: {e}"
+    else:
+        text = str(e)
+    return " ".join(text.splitlines())
+
+
+def _lost_peer(e: RuntimeError) -> bool:
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    text = str(e).lower()
+    return isinstance(e, dist.DistError) or "closed by peer" in text or "connection reset" in text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
         return COMMANDS[args.command](args)
-    except DaaaError as e:
+    except (DaaaError, OSError) as e:
+        # OSError: an unwritable or vanished file or folder, a full disk -- named by the error itself
         if getattr(args, "debug", False):
             raise
-        print(f"daaa: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under torchrun each rank reports its own error, prefixed
+        if rank != "0" and isinstance(e, (PeerError, NonFiniteLossError)):
+            return 2  # rank 0 reports it (a non-finite loss is detected on the all-reduced terms: on every rank)
+        where = "" if rank == "0" else f" (rank {rank})"
+        print(f"daaa: error{where}: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        # under torchrun: a rank waiting in a collective whose peer has died gets gloo's/NCCL's RuntimeError;
+        # the rank that died reports why
+        if getattr(args, "debug", False) or not _lost_peer(e):
+            raise
+        print(f"daaa: error (rank {os.environ.get('RANK', '0')}): lost contact with the other processes "
+              f"({_one_line(e)[:160]})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("daaa: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)

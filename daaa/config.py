@@ -234,6 +234,11 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"option {key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"option {key}: expected a number, got {value!r}")
         return float(value)

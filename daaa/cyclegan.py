@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CycleGANConfig
+from .distributed import autocast
 from .errors import ConfigError, NonFiniteLossError
 
 
@@ -178,13 +179,18 @@ class CycleGAN(nn.Module):
     (Eq. 1 adversarial terms, Eq. 2 cycle term), plus the reference's optional identity term
     ``lambda_identity * lambda * (|G_ST(t) - t|_1 + |G_TS(s) - s|_1)``.
 
-    Call :meth:`to` to move it; :meth:`state_dict` (no arguments) covers networks, optimisers, schedulers, pools and
-    the step count, so :meth:`load_state_dict` continues a run exactly.
+    Call :meth:`to` to move it; :meth:`state_dict` (no arguments) covers networks, optimisers, schedulers, pools,
+    the fp16 loss scaler and the step count, so :meth:`load_state_dict` continues a run exactly.
+
+    ``amp_dtype`` (``torch.bfloat16``/``torch.float16``; None = fp32) runs the forward passes under autocast, with
+    loss scaling for fp16; ``channels_last`` stores weights and inputs in NHWC (faster convs on CUDA).
     """
 
-    def __init__(self, cfg: CycleGANConfig, channels: int, seed: int = 0):
+    def __init__(self, cfg: CycleGANConfig, channels: int, seed: int = 0, amp_dtype: torch.dtype | None = None,
+                 channels_last: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.amp_dtype, self.channels_last = amp_dtype, channels_last
         gen = torch.Generator().manual_seed(seed)
         # fork the global RNG: module constructors draw from it before we overwrite every weight from `gen`
         with torch.random.fork_rng(devices=[]):
@@ -194,6 +200,8 @@ class CycleGAN(nn.Module):
             self.D_S = PatchDiscriminator(channels, cfg.ndf, cfg.n_layers_d)
         for net in (self.G_ST, self.G_TS, self.D_T, self.D_S):
             init_weights(net, gen)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
         self.gan_loss = GANLoss(cfg.gan_mode)
         betas = (cfg.beta1, 0.999)
         self.opt_g = torch.optim.Adam(itertools.chain(self.G_ST.parameters(), self.G_TS.parameters()), cfg.lr, betas)
@@ -203,7 +211,15 @@ class CycleGAN(nn.Module):
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, rule)
         self.pool_t = ImagePool(cfg.pool_size, seed + 1)  # fake target images for D_T
         self.pool_s = ImagePool(cfg.pool_size, seed + 2)  # fake source images for D_S
+        # one scaler for both optimisers (update() once per step); a pass-through unless fp16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
         self.step = 0
+
+    def _autocast(self, x: torch.Tensor):
+        return autocast(x.device, self.amp_dtype)
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _set_d_grad(self, flag: bool) -> None:
         for p in itertools.chain(self.D_T.parameters(), self.D_S.parameters()):
@@ -220,42 +236,48 @@ class CycleGAN(nn.Module):
         c = self.cfg
         self.train()
         lr = self.opt_g.param_groups[0]["lr"]
+        real_s, real_t = self._input(real_s), self._input(real_t)
         # generators: D frozen so its gradients are not accumulated by the generator loss
         self._set_d_grad(False)
         self.opt_g.zero_grad(set_to_none=True)
-        fake_t = self.G_ST(real_s)
-        fake_s = self.G_TS(real_t)
-        rec_s = self.G_TS(fake_t)
-        rec_t = self.G_ST(fake_s)
-        g_st = self.gan_loss(self.D_T(fake_t), True)
-        g_ts = self.gan_loss(self.D_S(fake_s), True)
-        cycle_s = F.l1_loss(rec_s, real_s)
-        cycle_t = F.l1_loss(rec_t, real_t)
-        total = g_st + g_ts + c.lambda_cycle * (cycle_s + cycle_t)
-        identity = torch.zeros((), device=real_s.device)
-        if c.lambda_identity > 0:
-            # G_ST should leave a real target image unchanged and G_TS a real source image (reference code)
-            identity = F.l1_loss(self.G_ST(real_t), real_t) + F.l1_loss(self.G_TS(real_s), real_s)
-            total = total + c.lambda_identity * c.lambda_cycle * identity
-        total.backward()
-        self.opt_g.step()
+        with self._autocast(real_s):
+            fake_t = self.G_ST(real_s)
+            fake_s = self.G_TS(real_t)
+            rec_s = self.G_TS(fake_t)
+            rec_t = self.G_ST(fake_s)
+            g_st = self.gan_loss(self.D_T(fake_t).float(), True)
+            g_ts = self.gan_loss(self.D_S(fake_s).float(), True)
+            cycle_s = F.l1_loss(rec_s.float(), real_s)
+            cycle_t = F.l1_loss(rec_t.float(), real_t)
+            total = g_st + g_ts + c.lambda_cycle * (cycle_s + cycle_t)
+            identity = torch.zeros((), device=real_s.device)
+            if c.lambda_identity > 0:
+                # G_ST should leave a real target image unchanged and G_TS a real source image (reference code)
+                identity = (F.l1_loss(self.G_ST(real_t).float(), real_t)
+                            + F.l1_loss(self.G_TS(real_s).float(), real_s))
+                total = total + c.lambda_identity * c.lambda_cycle * identity
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.opt_g)
         # discriminators: Eq. 1 on real vs. pooled fake images, halved to slow D relative to G (reference)
         self._set_d_grad(True)
         self.opt_d.zero_grad(set_to_none=True)
         pooled_t = self.pool_t.query(fake_t)
         pooled_s = self.pool_s.query(fake_s)
-        d_t = 0.5 * (self.gan_loss(self.D_T(real_t), True) + self.gan_loss(self.D_T(pooled_t), False))
-        d_s = 0.5 * (self.gan_loss(self.D_S(real_s), True) + self.gan_loss(self.D_S(pooled_s), False))
-        d = d_t + d_s
-        d.backward()
-        self.opt_d.step()
+        with self._autocast(real_s):
+            d_t = 0.5 * (self.gan_loss(self.D_T(real_t).float(), True) + self.gan_loss(self.D_T(pooled_t).float(), False))
+            d_s = 0.5 * (self.gan_loss(self.D_S(real_s).float(), True) + self.gan_loss(self.D_S(pooled_s).float(), False))
+            d = d_t + d_s
+        self.scaler.scale(d).backward()
+        self.scaler.step(self.opt_d)
+        self.scaler.update()
         vals = {"g_st": g_st, "g_ts": g_ts, "cycle_s": cycle_s, "cycle_t": cycle_t, "cycle": cycle_s + cycle_t,
                 "identity": identity, "g_total": total, "d_t": d_t, "d_s": d_s, "d": d}
         # one device sync per step; a non-finite loss stops here, before any checkpoint can store the broken weights
-        out = dict(zip(vals, torch.stack([v.detach() for v in vals.values()]).tolist()))
+        out = dict(zip(vals, torch.stack([v.detach().float() for v in vals.values()]).tolist()))
         bad = [k for k, v in out.items() if not math.isfinite(v)]
         if bad:
-            raise NonFiniteLossError(f"cyclegan step {self.step}: non-finite loss {', '.join(bad)}; "
+            raise NonFiniteLossError(f"cyclegan step {self.step + 1}: loss term {bad[0]} is {out[bad[0]]}"
+                                     f"{' (also ' + ', '.join(bad[1:]) + ')' if bad[1:] else ''}; "
                                      "the last checkpoint is kept (try a lower cyclegan.lr)")
         self.sched_g.step()
         self.sched_d.step()
@@ -267,8 +289,8 @@ class CycleGAN(nn.Module):
         was_training = net.training
         net.eval()
         try:
-            with torch.no_grad():
-                return net(x)
+            with torch.no_grad(), self._autocast(x):
+                return net(self._input(x)).float()
         finally:
             net.train(was_training)
 
@@ -287,7 +309,8 @@ class CycleGAN(nn.Module):
             return super().state_dict(*args, **kwargs)
         return {"nets": super().state_dict(), "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                 "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
-                "pool_t": self.pool_t.state_dict(), "pool_s": self.pool_s.state_dict(), "step": self.step}
+                "pool_t": self.pool_t.state_dict(), "pool_s": self.pool_s.state_dict(), "step": self.step,
+                "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
         if "nets" not in state:  # a plain module state dict
@@ -301,4 +324,6 @@ class CycleGAN(nn.Module):
         self.pool_t.load_state_dict(state["pool_t"], device)
         self.pool_s.load_state_dict(state["pool_s"], device)
         self.step = int(state["step"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         return result

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import RuntimeConfig
-from .errors import DaaaError
+from .errors import DaaaError, PeerError
 
 
 @dataclass
@@ -40,15 +40,25 @@ class Context:
         return self.world_size > 1
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16 autocast (bf16 and fp32 need none: the scaler is then a pass-through)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """DDP around ``model`` when distributed; the module itself otherwise."""
+        """DDP around ``model`` when distributed; the module itself otherwise.
+
+        On CUDA, batch-norm layers become SyncBatchNorm (changed in place, parameters kept), so the statistics are
+        those of the global batch, as in a one-process run (gloo on CPU has no SyncBatchNorm; the digit CNN has no
+        batch norm).
+        """
         if not self.distributed:
             return model
-        ids = [self.device.index] if self.device.type == "cuda" else None
+        ids = None
+        if self.device.type == "cuda":
+            ids = [self.device.index]
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -82,6 +92,9 @@ def setup(runtime: RuntimeConfig) -> Context:
     if runtime.device == "cuda" and not torch.cuda.is_available():
         raise DaaaError("option runtime.device: cuda was asked for but no CUDA device is available")
     if want_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise DaaaError(f"LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} CUDA device(s): "
+                            "torchrun --nproc_per_node must not exceed the GPUs per node")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
@@ -98,12 +111,24 @@ def setup(runtime: RuntimeConfig) -> Context:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[runtime.precision]
-    if amp is torch.float16 and device.type != "cuda":
-        raise DaaaError("option runtime.precision: fp16 autocast needs CUDA; use bf16 or fp32 on CPU")
+    amp = amp_dtype(runtime.precision, device)
     seed_everything(runtime.seed)
     _CONTEXT = Context(rank, world_size, device, amp, runtime.channels_last)
     return _CONTEXT
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``runtime.precision`` (None = fp32, no autocast)."""
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if amp is torch.float16 and device.type != "cuda":
+        raise DaaaError("option runtime.precision: fp16 autocast needs CUDA; use bf16 or fp32 on CPU")
+    return amp
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def seed_everything(seed: int) -> None:
@@ -119,12 +144,27 @@ def cleanup() -> None:
 
 @contextlib.contextmanager
 def main_first(ctx: Context) -> Iterator[None]:
-    """Rank 0 does the work (e.g. writes a cache), then the others follow and read it."""
-    if not ctx.is_main:
-        ctx.barrier()
-    yield
+    """Rank 0 does the work (e.g. writes a cache), then the others follow and read it.
+
+    If rank 0 fails, the others do not wait for a time-out: they raise :class:`PeerError` (rank 0 reports the
+    error itself). One broadcast per use, on every rank.
+    """
+    if not ctx.distributed:
+        yield
+        return
     if ctx.is_main:
-        ctx.barrier()
+        try:
+            yield
+        except BaseException as e:
+            with contextlib.suppress(Exception):
+                ctx.broadcast_object(f"{type(e).__name__}: {e}")
+            raise
+        ctx.broadcast_object(None)
+    else:
+        failure = ctx.broadcast_object(None)
+        if failure is not None:
+            raise PeerError(f"rank 0 failed ({failure})")
+        yield
 
 
 def unwrap(model: nn.Module) -> nn.Module:

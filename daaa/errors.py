@@ -17,3 +17,8 @@ class DataError(DaaaError):
 
 class NonFiniteLossError(DaaaError):
     """A loss term became NaN or infinite; the last good checkpoint is kept."""
+
+
+class PeerError(DaaaError):
+    """Under torchrun: rank 0 failed at a step the other ranks wait for; rank 0 reports the error, the others
+    stop quietly."""

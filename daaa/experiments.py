@@ -74,7 +74,7 @@ def run_pipeline(run_dir: Path, cfg: Config, ctx: Context, source: str, target: 
     Returns RUN/metrics.json's content, the loaded data and the source network (for further rows).
     """
     t0 = time.perf_counter()
-    data = pipeline.load_data(cfg, source, target, target_test)
+    data = pipeline.load_data(cfg, source, target, target_test, ctx)
     seconds = {"load_data": data.seconds["load_data"]}
     t = time.perf_counter()
     pipeline.translate(run_dir, cfg, data, ctx, tf_dir, sf_dir)

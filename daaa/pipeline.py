@@ -7,6 +7,7 @@ experiments in :mod:`daaa.experiments` are compositions of these functions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -18,9 +19,9 @@ import torch
 import torch.nn as nn
 
 from .config import AdaptConfig, Config
-from .data import load_domain_tensors
-from .data.domain import ImageTensors, check_same_classes, fingerprint
-from .distributed import Context
+from .data import resolve_domain
+from .data.domain import ImageTensors, check_same_classes, fingerprint, load_tensors
+from .distributed import Context, main_first
 from .errors import DaaaError
 from .models import build_model
 from .runs import Stage, atomic_torch_save, update_metrics
@@ -45,17 +46,23 @@ class RunData:
         return DomainData(self.source, self.target, self.synthetic_target, self.synthetic_source, self.target_test)
 
 
-def load_data(cfg: Config, source: str, target: str | None, target_test: str | None) -> RunData:
+def load_data(cfg: Config, source: str, target: str | None, target_test: str | None,
+              ctx: Context | None = None) -> RunData:
+    """Resolve and decode the domains. Under torchrun rank 0 resolves first (a built-in may be downloaded into
+    ``data.data_root``), then the others; every rank decodes its own copy."""
     t0 = time.perf_counter()
-    src = load_domain_tensors(source, "source", cfg.data)
-    if src.labels is None:
+    specs = {"source": source, "target_test": target_test, "target": target}
+    with main_first(ctx) if ctx is not None else contextlib.nullcontext():
+        domains = {role: resolve_domain(spec, role, cfg.data) for role, spec in specs.items() if spec}
+    if domains["source"].labels is None:
         raise DaaaError(f"--source {source}: the source domain needs labels (layout ROOT/<class>/<image>)")
-    test = load_domain_tensors(target_test, "target_test", cfg.data) if target_test else None
-    if test is not None:
-        if test.labels is None:
+    if "target_test" in domains:
+        if domains["target_test"].labels is None:
             raise DaaaError(f"--target-test {target_test}: the target test set needs labels (layout ROOT/<class>/<image>)")
-        check_same_classes(src, test)
-    tgt = load_domain_tensors(target, "target", cfg.data) if target else None
+        check_same_classes(domains["source"], domains["target_test"])  # before decoding: fail fast
+    d = cfg.data
+    loaded = {role: load_tensors(dom, d.load_size, d.channels, d.skip_corrupt) for role, dom in domains.items()}
+    src, test, tgt = loaded["source"], loaded.get("target_test"), loaded.get("target")
     src, val = split_source_validation(src, cfg.data.source_val_fraction)
     data = RunData(src, test, tgt, source_val=val)
     if val is not None:
@@ -93,11 +100,13 @@ def selection_probe(cfg: Config, data: RunData, ctx: Context) -> SelectionProbe 
     return probe if probe.active else None
 
 
-def _stage(run_dir: Path, name: str, key: dict[str, Any], overwrite: bool = False) -> Stage:
+def _stage(run_dir: Path, name: str, key: dict[str, Any], overwrite: bool, ctx: Context) -> Stage:
     stage = Stage(run_dir, name, key)
-    if overwrite and stage.dir.exists():
-        import shutil
-        shutil.rmtree(stage.dir)
+    if overwrite:  # rank 0 removes the old stage, the others wait before they look at the folder
+        if ctx.is_main and stage.dir.exists():
+            import shutil
+            shutil.rmtree(stage.dir)
+        ctx.barrier()
     stage.check_compatible()
     return stage
 
@@ -111,7 +120,7 @@ def train_source(run_dir: Path, cfg: Config, data: RunData, ctx: Context, overwr
     if probe is not None:  # the criteria are part of the result
         key["selection"] = dataclasses.asdict(cfg.selection)
         key["inputs"].append(fingerprint(data.source_val.images, data.target.images if data.target else None))
-    stage = _stage(run_dir, "source", key, overwrite)
+    stage = _stage(run_dir, "source", key, overwrite, ctx)
     model = new_model(cfg, data)
     done = stage.done()
     if done is not None:
@@ -128,12 +137,12 @@ def train_source(run_dir: Path, cfg: Config, data: RunData, ctx: Context, overwr
     result["seconds"] = time.perf_counter() - t0
     if ctx.is_main:
         atomic_torch_save({k: v.cpu() for k, v in model.state_dict().items()}, stage.dir / "model.pt")
-        stage.finish(_strip(result))
-        if "target_test_accuracy" in result:
+        if "target_test_accuracy" in result:  # before stage.json: a kill in between redoes both
             update_metrics(run_dir, {"source_only": {"target_test_accuracy": result["target_test_accuracy"],
                                                      "oracle_best_accuracy": result["oracle_best_accuracy"],
                                                      "target_test": result.get("target_test")},  # confusion.png
                                      "seconds": {"source": result["seconds"]}})
+        stage.finish(_strip(result))
     ctx.barrier()
     return model, result
 
@@ -149,14 +158,14 @@ def translate(run_dir: Path, cfg: Config, data: RunData, ctx: Context, tf_dir: s
         if not (tf_dir and sf_dir):
             raise DaaaError("--synthetic-target and --synthetic-source must be given together")
         tr = load_translation_folders(tf_dir, sf_dir, data.source, data.target, cfg.data.load_size, cfg.data.channels)
-    elif ctx.is_main:
-        # CycleGAN is trained once, on rank 0 (its batch is small); the other ranks read its result
-        tr = run_translation(run_dir, cfg, data.source, data.target, ctx.device, cfg.runtime.progress)
-        update_metrics(run_dir, {"seconds": {"translate": sum(tr.seconds.values())}})
-        ctx.barrier()
     else:
-        ctx.barrier()
-        tr = load_translation(run_dir / "translate")
+        # CycleGAN is trained once, on rank 0 (its batch is small); the other ranks read its result
+        with main_first(ctx):
+            if ctx.is_main:
+                tr = run_translation(run_dir, cfg, data.source, data.target, ctx.device, cfg.runtime.progress)
+                update_metrics(run_dir, {"seconds": {"translate": sum(tr.seconds.values())}})
+            else:
+                tr = load_translation(run_dir / "translate")
     data.synthetic_target, data.synthetic_source = tr.synthetic_target, tr.synthetic_source
     return data
 
@@ -175,7 +184,7 @@ def adapt(run_dir: Path, cfg: Config, data: RunData, ctx: Context, source_model:
     if probe is not None:  # the criteria are part of the result
         key["selection"] = dataclasses.asdict(cfg.selection)
         key["inputs"].append(fingerprint(data.source_val.images))
-    stage = _stage(run_dir, stage_name, key, overwrite)
+    stage = _stage(run_dir, stage_name, key, overwrite, ctx)
     model = new_model(cfg, data)
     if spec.init_from_source:
         model.load_state_dict(source_model.state_dict())

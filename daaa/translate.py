@@ -30,10 +30,12 @@ from PIL import Image
 
 from .config import Config
 from .cyclegan import CycleGAN, check_image_size
-from .data.domain import ImageTensors, fingerprint, to_pil_mode
+from .data.domain import ImageTensors, check_image_size as check_decoded_size, fingerprint, to_pil_mode
+from .distributed import amp_dtype
 from .errors import DaaaError, DataError
 from .figures import plot_curves, plot_pairs
 from .runs import Stage, atomic_write_text, read_json
+from .trainers.loop import guard_finite_state
 
 LOG = logging.getLogger("daaa")
 
@@ -70,6 +72,7 @@ def to_model_range(images: torch.Tensor, size: int, device: torch.device | str) 
 
 def to_uint8(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """float in [-1, 1] -> uint8 (N, C, H, W) at ``hw`` (the stored size), on the CPU."""
+    x = x.float()
     if tuple(x.shape[-2:]) != tuple(hw):
         x = F.interpolate(x, size=tuple(hw), mode="bilinear", antialias=True, align_corners=False)
     return ((x + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8).cpu()
@@ -158,7 +161,9 @@ def _train(stage: Stage, cfg: Config, model: CycleGAN, source: ImageTensors, tar
                     bar.set_postfix({k: f"{entry[k]:.3f}" for k in ("g_total", "d", "cycle")}, refresh=False)
                     acc, acc_n = {}, 0
                 if (c.checkpoint_interval > 0 and step % c.checkpoint_interval == 0) or step == c.steps:
-                    stage.save_checkpoint({"model": model.state_dict(), "history": history, "acc": acc,
+                    state = model.state_dict()
+                    guard_finite_state(step, {"cyclegan": state["nets"]}, stage)
+                    stage.save_checkpoint({"model": state, "history": history, "acc": acc,
                                            "acc_n": acc_n, "seconds": prior_seconds + time.perf_counter() - t0})
     finally:
         bar.close()
@@ -241,7 +246,9 @@ def run_translation(run_dir: Path, cfg: Config, source: ImageTensors, target: Im
     for stale in stage.dir.glob(".output-*"):  # left by a run killed while writing outputs
         shutil.rmtree(stale, ignore_errors=True)
 
-    model = CycleGAN(c, channels, cfg.runtime.seed).to(device)
+    # runtime.precision / runtime.channels_last as for the classifier (fp16 is refused off CUDA)
+    model = CycleGAN(c, channels, cfg.runtime.seed, amp_dtype(cfg.runtime.precision, torch.device(device)),
+                     cfg.runtime.channels_last).to(device)
     history, train_seconds = _train(stage, cfg, model, source, target, device, progress)
 
     t0 = time.perf_counter()
@@ -367,6 +374,7 @@ def _read_image(path: Path, size: int, channels: int) -> torch.Tensor:
             img = to_pil_mode(img, channels)
     except Exception as e:
         raise DataError(f"{path}: cannot read image ({type(e).__name__})") from None
+    check_decoded_size(img, size, str(path))
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)

@@ -81,6 +81,20 @@ def to_pil_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
+# Upsampling beyond this factor only invents pixels: 8x covers sklearn's 8 px digits up to 64 px and MNIST's 28 px
+# up to 224 px; a 2x2 image for a 224 px ResNet is refused.
+MAX_UPSCALE = 8
+
+
+def check_image_size(img: Image.Image, size: int, image_id: str) -> None:
+    """Refuse an image whose shorter side would be upsampled more than :data:`MAX_UPSCALE` times to reach
+    ``size`` (``data.load_size``). Any other size is resized to ``size`` x ``size`` (the aspect ratio is not kept)."""
+    w, h = img.size
+    if min(w, h) * MAX_UPSCALE < size:
+        raise DataError(f"{image_id}: image is {w}x{h} pixels, too small for data.load_size={size} (more than "
+                        f"{MAX_UPSCALE}x upsampling); use larger images or a smaller data.load_size")
+
+
 def load_tensors(domain: Domain, size: int, channels: int, skip_corrupt: bool = False,
                  progress: bool = False) -> ImageTensors:
     """Decode every image of ``domain`` to a square ``size`` x ``size`` uint8 tensor, in this process.
@@ -109,6 +123,7 @@ def load_tensors(domain: Domain, size: int, channels: int, skip_corrupt: bool = 
                 skipped.append(domain.ids[i])
                 continue
             raise DataError(f"{domain.ids[i]}: cannot read image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+        check_image_size(img, size, domain.ids[i])
         if img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)
         arr = np.asarray(img, dtype=np.uint8)

@@ -64,6 +64,7 @@ class DAAATrainer:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.model = ctx.wrap(self.net)
         self.optimizer = build_optimizer(self.net, spec.optim)
+        self.scaler = ctx.grad_scaler()  # fp16 autocast only; a pass-through otherwise
         self.sampler = MixedBatchSampler(len(data.source), len(data.target) if data.target is not None else 1,
                                          spec.batch_size, spec.proportions, spec.train_data, seed, ctx.rank,
                                          ctx.world_size)
@@ -79,6 +80,8 @@ class DAAATrainer:
         self.source_maps: dict[str, list[torch.Tensor]] | None = None
         if source_net is not None:
             self.source_net = source_net.to(ctx.device).eval().requires_grad_(False)
+            if ctx.channels_last:
+                self.source_net = self.source_net.to(memory_format=torch.channels_last)
             if spec.cache_source_attention and not data_cfg.augment:
                 self.source_maps = self._source_map_cache()
 
@@ -221,14 +224,16 @@ class DAAATrainer:
         # world size because DDP averages the ranks' gradients.
         scale = ctx.world_size / self.global_batch
         loss = (loss_ce + loss_em + spec.beta * loss_at) * scale
-        terms = {"L_CE": loss_ce, "L_EM": loss_em, "L_AT": loss_at}
-        guard_finite(step, terms, self.stage)
+        # the global sums come before the update: every rank sees the same values, so a NaN on one rank's shard
+        # stops all ranks at the same step (no rank left waiting in backward's all-reduce)
+        sums = ctx.all_reduce_sum(torch.stack([loss_ce.detach(), loss_em.detach(), loss_at.detach(), kept]))
+        guard_finite(step, {"L_CE": sums[0], "L_EM": sums[1], "L_AT": sums[2]}, self.stage)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
         n = self.sampler.counts
-        sums = ctx.all_reduce_sum(torch.stack([loss_ce.detach(), loss_em.detach(), loss_at.detach(), kept]))
         n_lab, n_unlab = n["S"] + n["Tf"], n["T"] + n["Sf"]
         return {"loss": float((sums[0] + sums[1] + spec.beta * sums[2]) / self.global_batch),
                 "L_CE": float(sums[0]) / max(n_lab, 1), "L_EM": float(sums[1]) / max(n_unlab, 1),
@@ -239,13 +244,16 @@ class DAAATrainer:
     # ------------------------------------------------------------------ state and the loop
     def state(self) -> dict:
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "posterior_net": self.posterior_net.net.state_dict(), "em": self.posterior_net.extra_state()}
+                "posterior_net": self.posterior_net.net.state_dict(), "em": self.posterior_net.extra_state(),
+                "scaler": self.scaler.state_dict()}
 
     def load_state(self, state: dict) -> None:
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.posterior_net.net.load_state_dict(state["posterior_net"])
         self.posterior_net.load_extra_state(state["em"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         if self.uses_em and self.spec.async_posterior and self.posterior_net.syncs > 0:
             self._refresh_posteriors()
 

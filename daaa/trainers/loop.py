@@ -28,6 +28,29 @@ def guard_finite(step: int, terms: dict[str, torch.Tensor], stage: Stage | None 
             raise NonFiniteLossError(f"step {step + 1}: loss term {name} is {v}{where}")
 
 
+def first_nonfinite(state: Any, prefix: str = "") -> str | None:
+    """The dotted name of the first floating-point tensor in ``state`` (nested dicts/lists) holding a NaN or an
+    infinity, or None. Run before a checkpoint is written, so a checkpoint never stores broken weights."""
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() and not bool(torch.isfinite(state).all()):
+            return prefix.rstrip(".") or "value"
+        return None
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for k, v in items:
+        found = first_nonfinite(v, f"{prefix}{k}.")
+        if found is not None:
+            return found
+    return None
+
+
+def guard_finite_state(step: int, state: dict, stage: Stage | None = None) -> None:
+    """Stop when an update made weights or optimiser state non-finite although the loss was finite."""
+    bad = first_nonfinite(state)
+    if bad is not None:
+        where = f"; last good checkpoint: {stage.checkpoint_path}" if stage and stage.checkpoint_path.exists() else ""
+        raise NonFiniteLossError(f"step {step}: {bad} became non-finite after the update (not checkpointed){where}")
+
+
 class TrainingLoop:
     """Runs ``step_fn(step) -> {name: value}`` for ``steps`` steps with checkpoints every ``checkpoint_interval``.
 
@@ -53,6 +76,9 @@ class TrainingLoop:
             start, self.history = ckpt["step"], ckpt["history"]
             self.resumed_from = start
             LOG.info("%s: resuming from %s at step %d/%d", self.desc, self.stage.checkpoint_path, start, self.steps)
+        if self.ctx.is_main:  # temporary files of a checkpoint write cut short by a crash or kill -9
+            for stale in self.stage.dir.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
         writer = self._tensorboard(start)
         bar = None
         if self.progress and self.ctx.is_main:
@@ -76,7 +102,9 @@ class TrainingLoop:
                         bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
                                          if k != "step" and isinstance(v, float)}, refresh=False)
                 if done % self.checkpoint_interval == 0 or done == self.steps:
-                    self.save(done, get_state())
+                    state = get_state()
+                    guard_finite_state(done, state, self.stage)  # on every rank: DDP keeps the weights equal
+                    self.save(done, state)
         finally:
             if bar is not None:
                 bar.close()
