@@ -58,7 +58,6 @@ import copy
 import csv
 import datetime as _dt
 import io
-import inspect
 import logging
 import math
 import time
@@ -365,9 +364,7 @@ def _translate_seconds(run_dir: Path) -> float:
 def _load_data(cfg: Config, spec: dict[str, str], ctx: Context):
     from . import pipeline
 
-    params = inspect.signature(pipeline.load_data).parameters
-    extra = {"ctx": ctx} if "ctx" in params else {}
-    return pipeline.load_data(cfg, spec["source"], spec["target"], spec["target_test"], **extra)
+    return pipeline.load_data(cfg, spec["source"], spec["target"], spec["target_test"], ctx)
 
 
 def reproduce(experiment: str, cfg: Config, ctx: Context, out: str | Path, seeds: int = 1,
