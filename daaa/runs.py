@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ def setup_logging(run_dir: Path | None, verbose: bool = True) -> None:
         LOG.removeHandler(h)
         h.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    sh = logging.StreamHandler()
+    sh = _StderrHandler()
     sh.setFormatter(fmt)
     sh.setLevel(logging.INFO if verbose else logging.WARNING)
     LOG.addHandler(sh)
@@ -115,7 +116,21 @@ def setup_logging(run_dir: Path | None, verbose: bool = True) -> None:
         fh = logging.FileHandler(Path(run_dir) / "log.txt")
         fh.setFormatter(fmt)
         LOG.addHandler(fh)
-    LOG.propagate = False
+    # propagation stays on: the root logger has no handler of ours (no duplicate lines), and tools that listen on
+    # the root (pytest's caplog, an embedding application) still see daaa's records
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted: pytest, tqdm and notebooks swap it, and a
+    handler bound to an old, closed stream would fail on the next run in the same process."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def save_config(run_dir: Path, cfg_dict: dict[str, Any]) -> None:
