@@ -121,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field (repeatable); data.source_val_fraction is 0.1 unless set")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("bench", help="images/s and peak memory of every stage on synthetic data of a preset's shape")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: the preset's runtime.device")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (units) per stage in each round (default 10)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds (default 5); medians are reported")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per stage first (default 3)")
+    p.add_argument("--stages", help="comma-separated subset of source_only,daaa,daaa_naive,cyclegan,translate,evaluate")
+    _common(p, preset="digits-cpu")
     return parser
 
 
@@ -337,6 +346,26 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench, distributed
+    from .runs import setup_logging
+
+    cfg = _config(args)
+    if args.device:
+        cfg.runtime.device = args.device
+    for name in ("steps", "repeats"):
+        if getattr(args, name) < 1:
+            raise DaaaError(f"--{name}: {getattr(args, name)} must be at least 1")
+    stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else bench.STAGES
+    unknown = sorted(set(stages) - set(bench.STAGES))
+    if unknown:
+        raise DaaaError(f"--stages: unknown stage(s) {', '.join(unknown)} (known: {', '.join(bench.STAGES)})")
+    setup_logging(None, verbose=not args.quiet)
+    ctx = distributed.setup(cfg.runtime)
+    bench.main(cfg, ctx, args.steps, args.repeats, max(0, args.warmup), args.json, stages, progress=not args.quiet)
+    return 0
+
+
 def _print_summary(metrics: dict, run_dir: Path) -> None:
     rows = [("source only", metrics.get("source_only", {}).get("target_test_accuracy")),
             ("DAAA", metrics.get("daaa", {}).get("target_test_accuracy"))]
@@ -349,7 +378,7 @@ def _print_summary(metrics: dict, run_dir: Path) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train-source": cmd_train_source, "translate": cmd_translate, "adapt": cmd_run, "run": cmd_run,
     "demo": cmd_demo, "evaluate": cmd_evaluate, "data": cmd_data, "reproduce": cmd_reproduce,
-    "report": cmd_report,
+    "report": cmd_report, "bench": cmd_bench,
 }
 
 

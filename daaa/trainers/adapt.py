@@ -77,7 +77,7 @@ class DAAATrainer:
         self.alignment = AttentionAlignmentLoss(spec.attention, spec.discrepancy, reduction="sum")
         self.layers = list(getattr(self.net, "aligned_layers", []))
         self.target_features = FeatureRecorder(self.net, self.layers) if source_net is not None else None
-        self.source_maps: dict[str, list[torch.Tensor]] | None = None
+        self.source_maps: list[torch.Tensor] | None = None  # per layer: the maps of S, then those of S_f
         if source_net is not None:
             self.source_net = source_net.to(ctx.device).eval().requires_grad_(False)
             if ctx.channels_last:
@@ -114,10 +114,12 @@ class DAAATrainer:
                     slot.append(m)
         return [torch.cat(s) for s in out]
 
-    def _source_map_cache(self) -> dict[str, list[torch.Tensor]]:
-        """The frozen source net's maps of every S and S_f image (the anchors of Eq. 5), computed once."""
-        return {"S": self._maps_of(self.source_net, self.data.source.images),
-                "Sf": self._maps_of(self.source_net, self.data.synthetic_source)}
+    def _source_map_cache(self) -> list[torch.Tensor]:
+        """The frozen source net's maps of every S and S_f image (the anchors of Eq. 5), computed once; per layer
+        one tensor, S_f image j at row len(S) + j, so a step's anchors are one lookup per layer."""
+        s = self._maps_of(self.source_net, self.data.source.images)
+        sf = self._maps_of(self.source_net, self.data.synthetic_source)
+        return [torch.cat(pair) for pair in zip(s, sf)]
 
     @torch.no_grad()
     def _refresh_posteriors(self) -> None:
@@ -150,9 +152,8 @@ class DAAATrainer:
         """The source net's maps of each pair's anchor image: from the cache, or one frozen forward when the
         images are augmented (the anchor is cropped like its paired row)."""
         if self.source_maps is not None:
-            dev = self.ctx.device
-            return [torch.cat([s[src_idx.to(dev)], f[sf_idx.to(dev)]])
-                    for s, f in zip(self.source_maps["S"], self.source_maps["Sf"])]
+            idx = torch.cat([src_idx, sf_idx + len(self.data.source)]).to(self.ctx.device)
+            return [m[idx] for m in self.source_maps]
         anchors = torch.cat([self.data.source.images[src_idx], self.data.synthetic_source[sf_idx]])
         x = prepare(anchors, self.data_cfg, train=True, crops=None if crops is None else crops[target_rows],
                     device=self.ctx.device, channels_last=self.ctx.channels_last)
@@ -217,7 +218,9 @@ class DAAATrainer:
             anchor_maps = self._anchor_maps(batch, crops, target_rows, src_idx, sf_idx)
             rows = target_rows.to(ctx.device)
             with torch.set_grad_enabled(spec.beta > 0):
-                target_maps = self.alignment.maps([f[rows] for f in self.target_features.features])
+                # maps of the whole batch, then the paired rows: picking rows of the small maps rather than of the
+                # conv features keeps each feature gradient one dense tensor (no scatter into zeros)
+                target_maps = [m[rows] for m in self.alignment.maps(self.target_features.features)]
                 loss_at = self.alignment.from_maps(anchor_maps, target_maps)
 
         # Eq. 12. Sums over the global batch divided by its size (a constant factor of the paper's sums); times the
@@ -227,7 +230,8 @@ class DAAATrainer:
         # the global sums come before the update: every rank sees the same values, so a NaN on one rank's shard
         # stops all ranks at the same step (no rank left waiting in backward's all-reduce)
         sums = ctx.all_reduce_sum(torch.stack([loss_ce.detach(), loss_em.detach(), loss_at.detach(), kept]))
-        guard_finite(step, {"L_CE": sums[0], "L_EM": sums[1], "L_AT": sums[2]}, self.stage)
+        ce, em, at, n_kept = sums.tolist()  # the step's one read-back of values (a device sync on CUDA)
+        guard_finite(step, {"L_CE": ce, "L_EM": em, "L_AT": at}, self.stage)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -235,10 +239,10 @@ class DAAATrainer:
 
         n = self.sampler.counts
         n_lab, n_unlab = n["S"] + n["Tf"], n["T"] + n["Sf"]
-        return {"loss": float((sums[0] + sums[1] + spec.beta * sums[2]) / self.global_batch),
-                "L_CE": float(sums[0]) / max(n_lab, 1), "L_EM": float(sums[1]) / max(n_unlab, 1),
-                "L_AT": float(sums[2]) / self.global_batch, "em_kept": float(sums[3]),
-                "em_kept_fraction": float(sums[3]) / max(n_unlab, 1), "lr": lr,
+        return {"loss": (ce + em + spec.beta * at) / self.global_batch,
+                "L_CE": ce / max(n_lab, 1), "L_EM": em / max(n_unlab, 1),
+                "L_AT": at / self.global_batch, "em_kept": n_kept,
+                "em_kept_fraction": n_kept / max(n_unlab, 1), "lr": lr,
                 "syncs": self.posterior_net.syncs}
 
     # ------------------------------------------------------------------ state and the loop

@@ -1,0 +1,449 @@
+"""`daaa bench`: throughput and peak memory of every stage, on synthetic data of a preset's shape.
+
+Measured, each with the real code path of a run:
+
+* ``source_only``: one :class:`~daaa.trainers.adapt.DAAATrainer` step with the source spec
+  (:func:`daaa.pipeline.source_spec`), on a batch of ``adapt.batch_size`` images -- the same size as the mixed batch;
+* ``daaa``: one DAAA step (Eq. 12: L_CE + L_EM + beta * L_AT) on a mixed S | T_f | T | S_f batch, after an M_post
+  sync so that EM is active;
+* ``daaa_naive``: the same losses computed the plain way (:func:`naive_daaa_step`: one forward per stream and per
+  network, the frozen source net's maps and M_post's posteriors recomputed every step) -- the comparison point;
+* ``cyclegan``: one CycleGAN training step (``cyclegan.batch_size`` source + as many target images);
+* ``translate``: G_ST over one batch of ``cyclegan.translate_batch_size`` images, no gradients;
+* ``evaluate``: :func:`daaa.evaluate.evaluate` over a test set of ``data.demo_target_test`` images.
+
+Data are random uint8 images (no loading), networks start from random weights. After warm-up, the stages are
+timed in interleaved blocks (stage 1, 2, ..., 6, then again), so that a slow spell of a shared machine hits every
+stage alike; the reported rate is the median block's. ``ratios.daaa_over_source_only`` is the median over repeats
+of (seconds per image of the DAAA step) / (seconds per image of the source-only step) from the same repeat.
+
+Peak memory is the growth of the process's resident set during a stage's blocks (Linux: the high-water mark is
+reset before each block through /proc/self/clear_refs; elsewhere ru_maxrss growth, a lower bound) on CPU, and
+``torch.cuda.max_memory_allocated`` above the allocation at the block's start on CUDA.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .attention import FeatureRecorder
+from .batches import STREAM_ORDER
+from .config import Config
+from .data.domain import ImageTensors
+from .data.transforms import crop_params, prepare
+from .distributed import Context
+from .em import confidence_mask, em_loss
+from .optim import set_lr
+from .runs import Stage, atomic_write_json
+from .trainers.adapt import DAAATrainer, DomainData
+from .trainers.loop import guard_finite
+
+STAGES = ("source_only", "daaa", "daaa_naive", "cyclegan", "translate", "evaluate")
+NEVER = 10 ** 9  # eval / checkpoint interval beyond any bench
+
+
+# ---------------------------------------------------------------------------------------------- the naive DAAA step
+def naive_daaa_losses(trainer: DAAATrainer, step: int) -> dict[str, torch.Tensor]:
+    """Eq. 12's terms for ``step``, computed the plain way: the comparison point of :meth:`DAAATrainer.step`.
+
+    One target-network forward per stream (S, T_f, T, S_f), one frozen-source-network forward per pair term of
+    Eq. 5 (x^S for the S and T_f rows, G_TS(x^T) for the S_f and paired T rows), and M_post's posteriors of the
+    batch's real target images recomputed by a forward (for T and again for S_f); nothing cached. Returns
+    ``loss`` (the scaled Eq. 12, with its graph), ``L_CE``, ``L_EM``, ``L_AT`` (sums over the batch) and ``kept``.
+    Reads the trainer's weights, sampler and M_post; changes nothing (no sync, no update).
+    """
+    spec, ctx, d, cfg = trainer.spec, trainer.ctx, trainer.data, trainer.data_cfg
+    batch = trainer.sampler.batch(step)
+    sl = batch.slices()
+    images = trainer._images(batch)  # only for the crops' shape: every stream is prepared on its own below
+    crops = None
+    if cfg.augment:
+        g = torch.Generator().manual_seed(trainer.seed * 1_000_003 + step)
+        crops = crop_params(images.shape[0], images.shape[-1], cfg.image_size, g)
+
+    def prep(imgs: torch.Tensor, rows: slice | None, train: bool = True) -> torch.Tensor:
+        c = None if crops is None or rows is None else crops[rows]
+        return prepare(imgs, cfg, train=train, crops=c, device=ctx.device, channels_last=ctx.channels_last)
+
+    stream_images = {"S": d.source.images[batch.source_idx],
+                     "Tf": d.synthetic_target[batch.tf_idx] if len(batch.tf_idx) else None,
+                     "T": d.target.images[batch.target_idx] if len(batch.target_idx) else None,
+                     "Sf": d.synthetic_source[batch.sf_idx] if len(batch.sf_idx) else None}
+    at_on = trainer.source_net is not None
+    trainer.model.train()
+    logits: dict[str, torch.Tensor] = {}
+    maps: dict[str, list[torch.Tensor]] = {}
+    for s in STREAM_ORDER:  # four target-network forwards
+        if sl[s].stop == sl[s].start:
+            continue
+        with ctx.autocast():
+            logits[s] = trainer.model(prep(stream_images[s], sl[s])).float()
+        if at_on:
+            with torch.set_grad_enabled(spec.beta > 0):
+                maps[s] = trainer.alignment.maps(trainer.target_features.features)
+
+    dev = ctx.device
+    zero = torch.zeros((), device=dev)
+    loss_ce = zero
+    if "S" in logits:
+        loss_ce = loss_ce + F.cross_entropy(logits["S"], d.source.labels[batch.source_idx].to(dev), reduction="sum")
+    if "Tf" in logits:
+        loss_ce = loss_ce + F.cross_entropy(logits["Tf"], d.source.labels[batch.tf_idx].to(dev), reduction="sum")
+
+    loss_em, kept = zero, zero
+    if trainer.uses_em and ("T" in logits or "Sf" in logits):
+        p_t = trainer.posterior_net.threshold(spec.confidence_threshold, spec.initial_confidence_threshold)
+        p_t = p_t if spec.filtering else 0.0
+        for s, real_idx in (("T", batch.target_idx), ("Sf", batch.sf_idx)):
+            if s not in logits:
+                continue
+            if spec.async_posterior:  # M_post's forward on the real target images, every step
+                with ctx.autocast():
+                    post = trainer.posterior_net(prep(d.target.images[real_idx], None, train=False))
+            else:  # EM-A: the current network's prediction of the real target image, detached
+                post = F.softmax(logits["T"].detach(), dim=1)[: len(real_idx)]
+            keep = confidence_mask(post, p_t)
+            loss_em = loss_em + em_loss(logits[s], post, keep, reduction="sum")
+            kept = kept + keep.sum().float()
+
+    loss_at = zero
+    if at_on:
+        n_pair = batch.paired_target_rows()
+        t0 = sl["T"].start
+        # (anchor images through the source net, their crop rows, the target maps they pair with), Eq. 5's four terms
+        terms = [(d.source.images[batch.source_idx], sl["S"], maps.get("S")),
+                 (d.source.images[batch.tf_idx], sl["Tf"], maps.get("Tf")),
+                 (d.synthetic_source[batch.sf_idx], sl["Sf"], maps.get("Sf")),
+                 (d.synthetic_source[batch.target_idx[:n_pair]], slice(t0, t0 + n_pair),
+                  None if "T" not in maps else [m[:n_pair] for m in maps["T"]])]
+        anchor_maps: list[list[torch.Tensor]] = []
+        target_maps: list[list[torch.Tensor]] = []
+        for anchors, rows, tmaps in terms:
+            if rows.stop == rows.start or tmaps is None:
+                continue
+            with torch.no_grad(), FeatureRecorder(trainer.source_net, trainer.layers) as rec, ctx.autocast():
+                trainer.source_net(prep(anchors, rows))
+                anchor_maps.append(trainer.alignment.maps(rec.features))
+            target_maps.append(tmaps)
+        with torch.set_grad_enabled(spec.beta > 0):
+            loss_at = trainer.alignment.from_maps([torch.cat(m) for m in zip(*anchor_maps)],
+                                                  [torch.cat(m) for m in zip(*target_maps)])
+
+    scale = ctx.world_size / trainer.global_batch
+    loss = (loss_ce + loss_em + spec.beta * loss_at) * scale
+    return {"loss": loss, "L_CE": loss_ce, "L_EM": loss_em, "L_AT": loss_at, "kept": kept}
+
+
+def naive_daaa_step(trainer: DAAATrainer, step: int) -> dict[str, Any]:
+    """One optimisation step of Eq. 12 with :func:`naive_daaa_losses`; logs what :meth:`DAAATrainer.step` logs.
+
+    M_post is synced on the same schedule (its posteriors are not cached: each step recomputes them).
+    Single process only (no all-reduce of the logged sums).
+    """
+    spec = trainer.spec
+    if trainer.uses_em and trainer.posterior_net.due(step):
+        trainer.posterior_net.sync(trainer.net, step)
+    since_restart = step - trainer.posterior_net.last_sync_step if spec.restart_schedule else step
+    lr = set_lr(trainer.optimizer, spec.optim, since_restart)
+    t = naive_daaa_losses(trainer, step)
+    guard_finite(step, {k: t[k] for k in ("L_CE", "L_EM", "L_AT")}, trainer.stage)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    t["loss"].backward()
+    trainer.optimizer.step()
+    n = trainer.sampler.counts
+    n_lab, n_unlab = n["S"] + n["Tf"], n["T"] + n["Sf"]
+    ce, em, at, kept = (float(t[k].detach()) for k in ("L_CE", "L_EM", "L_AT", "kept"))
+    return {"loss": (ce + em + spec.beta * at) / trainer.global_batch, "L_CE": ce / max(n_lab, 1),
+            "L_EM": em / max(n_unlab, 1), "L_AT": at / trainer.global_batch, "em_kept": kept,
+            "em_kept_fraction": kept / max(n_unlab, 1), "lr": lr, "syncs": trainer.posterior_net.syncs}
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+def synthetic_data(cfg: Config, seed: int = 0) -> DomainData:
+    """Random uint8 images of the preset's stored shape, sizes of its demo pair: S (labelled), T, T_f, S_f and a
+    labelled target test set."""
+    g = torch.Generator().manual_seed(seed)
+    c, s, d = cfg.data.channels, cfg.data.load_size, cfg.data
+    k = 10
+    classes = [str(i) for i in range(k)]
+
+    def images(n: int) -> torch.Tensor:
+        return torch.randint(0, 256, (n, c, s, s), generator=g, dtype=torch.uint8)
+
+    def domain(name: str, n: int, labelled: bool) -> ImageTensors:
+        labels = torch.randint(0, k, (n,), generator=g) if labelled else None
+        return ImageTensors(name, images(n), labels, [f"{name}[{i}]" for i in range(n)], classes)
+
+    source = domain("bench-source", d.demo_source, True)
+    target = domain("bench-target", d.demo_target_train, False)
+    test = domain("bench-target-test", d.demo_target_test, True)
+    return DomainData(source, target, images(len(source)), images(len(target)), test)
+
+
+def _bench_model(cfg: Config, data: DomainData) -> torch.nn.Module:
+    from .models import build_model
+
+    torch.manual_seed(cfg.runtime.seed)
+    return build_model(cfg.model, len(data.source.classes), cfg.data.channels, cfg.data.image_size)
+
+
+def daaa_trainer(cfg: Config, data: DomainData, ctx: Context, folder: Path, name: str = "bench-daaa",
+                 source_only: bool = False) -> DAAATrainer:
+    """A real DAAATrainer on a Stage in ``folder``: Eq. 12 with ``cfg.adapt`` (target net initialised from the frozen
+    source net, as in the pipeline) or, with ``source_only``, the source spec on a batch of ``adapt.batch_size``."""
+    from .pipeline import source_spec
+
+    if source_only:
+        spec = dataclasses.replace(source_spec(cfg), batch_size=cfg.adapt.batch_size)
+    else:
+        spec = cfg.adapt
+    spec = dataclasses.replace(spec, steps=NEVER, eval_interval=NEVER, checkpoint_interval=NEVER)
+    stage = Stage(folder, name, {})
+    net = _bench_model(cfg, data)
+    if source_only:
+        return DAAATrainer(spec, cfg.data, DomainData(data.source, target_test=data.target_test), ctx, stage, net,
+                           None, cfg.runtime.seed, progress=False, desc=name)
+    guide = copy.deepcopy(net)
+    return DAAATrainer(spec, cfg.data, data, ctx, stage, net, guide, cfg.runtime.seed, progress=False, desc=name)
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def _libc():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+
+
+class PeakMemory:
+    """Peak memory growth (bytes) over a block of work: CUDA allocator peak, or the resident set's high-water mark."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.method = "torch.cuda.max_memory_allocated" if device.type == "cuda" else self._cpu_method()
+
+    @staticmethod
+    def _cpu_method() -> str:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return "VmHWM reset via /proc/self/clear_refs"
+        except OSError:
+            return "ru_maxrss growth (lower bound)"
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif self.method.startswith("VmHWM"):
+            gc.collect()
+            if _LIBC is not None:  # give freed heap pages back, so the block's allocations show in the RSS again
+                _LIBC.malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._base = self._status("VmRSS")
+        else:
+            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+    def stop(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
+        if self.method.startswith("VmHWM"):
+            return max(0, self._status("VmHWM") - self._base)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return max(0, peak - self._base)
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu_model": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+@dataclasses.dataclass
+class _Bench:
+    name: str
+    run: Callable[[], int]  # one unit of work; returns the images it processed
+    units: int  # units per timed block
+
+
+def _stages(cfg: Config, ctx: Context, folder: Path, stages: tuple[str, ...]) -> list[_Bench]:
+    from .cyclegan import CycleGAN
+    from .evaluate import evaluate
+    from .translate import _batch_indices, _translate_all, step_generator, to_model_range
+
+    data = synthetic_data(cfg, cfg.runtime.seed)
+    out: list[_Bench] = []
+    steps_per_block = {"source_only": 1, "daaa": 1, "daaa_naive": 1}
+
+    def trainer_bench(name: str, trainer: DAAATrainer, fn: Callable[[DAAATrainer, int], Any], first: int) -> _Bench:
+        counter = [first]
+
+        def run() -> int:
+            fn(trainer, counter[0])
+            counter[0] += 1
+            return trainer.global_batch
+        return _Bench(name, run, steps_per_block[name])
+
+    # the DAAA steps start at the first M_post sync: EM is active (p_t < 1) in every timed step
+    first_sync = cfg.adapt.sync_interval
+    if "source_only" in stages:
+        out.append(trainer_bench("source_only", daaa_trainer(cfg, data, ctx, folder, "bench-source", True),
+                                 DAAATrainer.step, 0))
+    if "daaa" in stages:
+        out.append(trainer_bench("daaa", daaa_trainer(cfg, data, ctx, folder), DAAATrainer.step, first_sync))
+    if "daaa_naive" in stages:
+        out.append(trainer_bench("daaa_naive", daaa_trainer(cfg, data, ctx, folder, "bench-naive"), naive_daaa_step,
+                                 first_sync))
+    cg = None
+    if "cyclegan" in stages or "translate" in stages:
+        cg = CycleGAN(cfg.cyclegan, cfg.data.channels, cfg.runtime.seed).to(ctx.device)
+    if "cyclegan" in stages:
+        c, count = cfg.cyclegan, [0]
+
+        def cyclegan_step() -> int:
+            gen = step_generator(cfg.runtime.seed, count[0])
+            i_s = _batch_indices(len(data.source), c.batch_size, gen)
+            i_t = _batch_indices(len(data.target), c.batch_size, gen)
+            cg.training_step(to_model_range(data.source.images[i_s], c.image_size, ctx.device),
+                             to_model_range(data.target.images[i_t], c.image_size, ctx.device))
+            count[0] += 1
+            return 2 * c.batch_size
+        out.append(_Bench("cyclegan", cyclegan_step, 1))
+    if "translate" in stages:
+        batch = data.source.images[: cfg.cyclegan.translate_batch_size]
+
+        def translate() -> int:
+            _translate_all(cg.translate_st, batch, cfg.cyclegan.image_size, len(batch), ctx.device)
+            return len(batch)
+        out.append(_Bench("translate", translate, 1))
+    if "evaluate" in stages:
+        net = _bench_model(cfg, data).to(ctx.device)
+        if ctx.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+
+        def evaluation() -> int:
+            evaluate(net, data.target_test, cfg.data, ctx)
+            return len(data.target_test)
+        out.append(_Bench("evaluate", evaluation, 1))
+    return out
+
+
+def run_bench(cfg: Config, ctx: Context, steps: int = 10, repeats: int = 5, warmup: int = 3,
+              stages: tuple[str, ...] = STAGES, progress: bool = True) -> dict[str, Any]:
+    """Time ``stages`` in ``repeats`` interleaved rounds of ``steps`` units each (after ``warmup`` units)."""
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown bench stage(s) {sorted(unknown)} (known: {', '.join(STAGES)})")
+    sync = (lambda: torch.cuda.synchronize(ctx.device)) if ctx.device.type == "cuda" else (lambda: None)
+    mem = PeakMemory(ctx.device)
+    with tempfile.TemporaryDirectory(prefix="daaa-bench-") as tmp:
+        benches = _stages(cfg, ctx, Path(tmp), stages)
+        for b in benches:
+            for _ in range(warmup):
+                b.run()
+        sync()
+        per_image: dict[str, list[float]] = {b.name: [] for b in benches}
+        peak: dict[str, int] = {b.name: 0 for b in benches}
+        for r in range(repeats):
+            for b in benches:
+                mem.start()
+                n_img = 0
+                t0 = time.perf_counter()
+                for _ in range(steps * b.units):
+                    n_img += b.run()
+                sync()
+                dt = time.perf_counter() - t0
+                peak[b.name] = max(peak[b.name], mem.stop())
+                per_image[b.name].append(dt / n_img)
+            if progress:
+                print(f"bench: round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
+    ips = {k: 1.0 / statistics.median(v) for k, v in per_image.items()}
+    ratios = {}
+    for num, den in (("daaa", "source_only"), ("daaa_naive", "source_only"), ("daaa_naive", "daaa")):
+        if num in per_image and den in per_image:
+            ratios[f"{num}_over_{den}"] = statistics.median(a / b for a, b in zip(per_image[num], per_image[den]))
+    return {
+        "preset": cfg.preset,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine_info(ctx.device),
+        "settings": {"steps": steps, "repeats": repeats, "warmup": warmup, "adapt_batch_size": cfg.adapt.batch_size,
+                     "cyclegan_batch_size": cfg.cyclegan.batch_size,
+                     "translate_batch_size": cfg.cyclegan.translate_batch_size,
+                     "evaluate_images": cfg.data.demo_target_test, "model": dataclasses.asdict(cfg.model),
+                     "image_size": cfg.data.image_size, "channels_last": ctx.channels_last,
+                     "precision": cfg.runtime.precision},
+        "images_per_second": ips,
+        "seconds_per_image_all": per_image,
+        "peak_memory_mib": {k: v / 2 ** 20 for k, v in peak.items()},
+        "memory_method": mem.method,
+        "ratios": ratios,
+    }
+
+
+UNITS = {"source_only": "S images, source-only step", "daaa": "mixed-batch images, DAAA step (Eq. 12)",
+         "daaa_naive": "mixed-batch images, naive DAAA step", "cyclegan": "S+T images, CycleGAN step",
+         "translate": "images through G_ST, no grad", "evaluate": "test images, evaluate()"}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [f"daaa bench: preset {result['preset']}, {m['device']}, {m['cpu_model']} ({m['cpu_cores']} cores, "
+             f"{m['torch_threads']} threads), torch {m['torch_version']}, {result['date']}",
+             f"{'stage':<12} {'images/s':>10} {'ms/image':>9} {'peak MiB':>9}  what"]
+    for k, v in result["images_per_second"].items():
+        lines.append(f"{k:<12} {v:>10.1f} {1000 / v:>9.3f} {result['peak_memory_mib'][k]:>9.1f}  {UNITS[k]}")
+    for k, v in result["ratios"].items():
+        lines.append(f"ratio {k} (cost per image): {v:.3f}")
+    return "\n".join(lines)
+
+
+def main(cfg: Config, ctx: Context, steps: int, repeats: int, warmup: int, json_path: str | None,
+         stages: tuple[str, ...] = STAGES, progress: bool = True) -> dict[str, Any]:
+    result = run_bench(cfg, ctx, steps, repeats, warmup, stages, progress)
+    print(format_table(result))
+    if json_path:
+        atomic_write_json(json_path, result)
+    return result

@@ -1,0 +1,78 @@
+"""`daaa bench` and the optimised DAAA step against the naive one (same losses, same gradients)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from daaa import bench
+from daaa.cli import main
+from daaa.config import load_config
+from daaa.distributed import Context
+
+CPU = Context(0, 1, torch.device("cpu"), None, False)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # the digits settings: cached source maps, async M_post
+    ["adapt.beta=0"],  # L_AT is still computed and logged, but has no gradient
+    ["data.augment=true", "data.load_size=36"],  # anchors cropped like their rows: the source net runs every step
+    ["adapt.async_posterior=false", "adapt.attention=l1"],  # EM-A, Table A1's l1 maps
+], ids=["paper", "beta0", "augment", "emA-l1"])
+def test_optimised_step_equals_naive_step(tmp_path, overrides):
+    """Eq. 12 from one batched forward with caches == four forwards per network recomputing everything: the logged
+    loss terms, the gradients and the updated weights agree to 1e-5 (relative), in a state where EM is active (after
+    an M_post sync, p_t < 1 keeps samples) and L_AT is on."""
+    cfg = load_config("smoke", ["adapt.confidence_threshold=0.105", "runtime.channels_last=true", *overrides])
+    data = bench.synthetic_data(cfg)
+    fast = bench.daaa_trainer(cfg, data, CPU, tmp_path, "fast")
+    sync = cfg.adapt.sync_interval
+    for step in range(sync):  # move the target net away from the frozen source net before comparing
+        fast.step(step)
+    naive = bench.daaa_trainer(cfg, data, CPU, tmp_path, "naive")
+    naive.load_state(copy.deepcopy(fast.state()))  # a copy: Adam's moments must not be shared
+    for step in (sync, sync + 1):  # the sync step itself, then a step on cached posteriors
+        got = fast.step(step)
+        want = bench.naive_daaa_step(naive, step)
+        assert got["syncs"] == want["syncs"] >= 1
+        assert 0 < want["em_kept"] == got["em_kept"]
+        assert want["L_EM"] > 0 and want["L_AT"] > 0
+        for k in ("loss", "L_CE", "L_EM", "L_AT", "em_kept_fraction", "lr"):
+            assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7), k
+        for (name, p), q in zip(fast.net.named_parameters(), naive.net.parameters()):
+            assert _rel(p.grad, q.grad) < 1e-5, name
+            assert _rel(p.detach(), q.detach()) < 1e-5, name
+
+
+def test_naive_losses_change_nothing(tmp_path):
+    cfg = load_config("smoke")
+    data = bench.synthetic_data(cfg)
+    tr = bench.daaa_trainer(cfg, data, CPU, tmp_path)
+    before = {k: v.clone() for k, v in tr.net.state_dict().items()}
+    terms = bench.naive_daaa_losses(tr, 0)
+    assert set(terms) == {"loss", "L_CE", "L_EM", "L_AT", "kept"}
+    assert all(torch.equal(v, tr.net.state_dict()[k]) for k, v in before.items())
+
+
+def test_bench_cli_smoke(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "smoke", "--device", "cpu", "--steps", "1", "--repeats", "1", "--warmup", "1",
+                 "--json", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "daaa_over_source_only" in printed
+    r = json.loads(out.read_text())
+    for k in bench.STAGES:
+        assert r["images_per_second"][k] > 0 and math.isfinite(r["images_per_second"][k]), k
+        assert r["peak_memory_mib"][k] >= 0, k
+    assert r["ratios"]["daaa_over_source_only"] > 0
+    for k in ("cpu_model", "cpu_cores", "torch_version", "device"):
+        assert r["machine"][k], k
+    assert r["machine"]["device"] == "cpu" and r["date"] and r["preset"] == "smoke"
