@@ -5,6 +5,11 @@ Exact command (repository root; SKADA is the optional extra ``peer``, never a re
     python3 -m pip install -e ".[peer]"          # skada + skorch; leaves torch as it is
     daaa demo --out runs/demo                     # optional: the DAAA row comes from this run folder
     python3 benchmarks/skada_compare.py --daaa-run runs/demo --threads 1 --json benchmarks/skada_compare.json
+    # images/s only, in interleaved short fits (a shared machine's load drifts during the long fits above):
+    python3 benchmarks/skada_compare.py --threads 1 --skip-full --rounds 3 --json benchmarks/skada_compare_rates.json
+
+The numbers in benchmarks/RESULTS-perf.md were taken with ``--images 115200`` (the budget of the DAAA run they are
+compared with: digits-cpu at the time had adapt.steps = 1200) and ``--daaa-run`` pointing at that run.
 
 What runs (preset ``digits-cpu`` unless ``--preset``):
 
@@ -41,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -151,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--daaa-run", help="a finished `daaa demo` / `daaa run` folder for the DAAA row")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="also time every method in this many interleaved short fits (images/s only)")
+    ap.add_argument("--round-images", type=int, default=11904, help="images per short fit (default: 3 SKADA epochs)")
+    ap.add_argument("--skip-full", action="store_true", help="only the interleaved short fits (no accuracy)")
     args = ap.parse_args(argv)
 
     cfg = load_config(args.preset, [*args.overrides, "runtime.progress=false", "runtime.device=cpu"])
@@ -167,15 +177,29 @@ def main(argv: list[str] | None = None) -> int:
             "xt": prepare(tgt.images, cfg.data).numpy(), "xtest": prepare(test.images, cfg.data).numpy(),
             "ytest": test.labels.numpy()}
 
-    results: dict[str, dict] = {}
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        print(f"{method}: training on {budget} images ...", file=sys.stderr, flush=True)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+
+    def fit(method: str, images: int) -> dict:
         if method == "source_only":
-            results[method] = daaa_source_only(load_config(args.preset, [*args.overrides, "runtime.progress=false"]),
-                                               data, budget, ctx)
-        else:
-            results[method] = skada_fit(method, cfg, data, budget, cfg.runtime.seed)
+            return daaa_source_only(load_config(args.preset, [*args.overrides, "runtime.progress=false"]),
+                                    data, images, ctx)
+        return skada_fit(method, cfg, data, images, cfg.runtime.seed)
+
+    results: dict[str, dict] = {}
+    for method in [] if args.skip_full else methods:
+        print(f"{method}: training on {budget} images ...", file=sys.stderr, flush=True)
+        results[method] = fit(method, budget)
         print(f"  {results[method]}", file=sys.stderr, flush=True)
+    # a shared machine's load drifts over a long fit: short fits in turns compare the rates at the same moments
+    rates: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(args.rounds):
+        for method in methods if r % 2 == 0 else methods[::-1]:
+            rates[method].append(fit(method, args.round_images)["images_per_second"])
+        print(f"round {r + 1}/{args.rounds}: {rates}", file=sys.stderr, flush=True)
+    for method, v in rates.items():
+        if v:
+            results.setdefault(method, {})["interleaved_images_per_second"] = statistics.median(v)
+            results[method]["interleaved_rates"] = v
     if args.daaa_run:
         results["daaa"] = daaa_from_run(Path(args.daaa_run))
 
@@ -190,11 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     out = {"preset": args.preset, "budget_images": budget, "threads": torch.get_num_threads(),
            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu_model": cpu, "torch": torch.__version__,
            "skada": skada.__version__, "skorch": skorch.__version__, "results": results}
-    print(f"{'method':<18} {'images':>8} {'seconds':>9} {'images/s':>9} {'target acc':>10}")
+    out["round_images"] = args.round_images if args.rounds else None
+    print(f"{'method':<18} {'images':>8} {'seconds':>9} {'images/s':>9} {'interleaved':>11} {'target acc':>10}")
     for k, r in results.items():
-        sec, ips = r.get("seconds"), r.get("images_per_second")
-        print(f"{k:<18} {r['images_seen']:>8} {sec if sec is None else round(sec, 1)!s:>9} "
-              f"{ips if ips is None else round(ips, 1)!s:>9} {r['target_test_accuracy'] * 100:>9.1f}%")
+        sec, ips, il = r.get("seconds"), r.get("images_per_second"), r.get("interleaved_images_per_second")
+        acc = r.get("target_test_accuracy")
+        print(f"{k:<18} {r.get('images_seen', '-')!s:>8} {'-' if sec is None else round(sec, 1)!s:>9} "
+              f"{'-' if ips is None else round(ips, 1)!s:>9} {'-' if il is None else round(il, 1)!s:>11} "
+              f"{'-' if acc is None else f'{acc * 100:.1f}%':>10}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0

@@ -28,7 +28,6 @@ import copy
 import dataclasses
 import datetime
 import gc
-import json
 import os
 import platform
 import resource
@@ -316,7 +315,6 @@ def _stages(cfg: Config, ctx: Context, folder: Path, stages: tuple[str, ...]) ->
 
     data = synthetic_data(cfg, cfg.runtime.seed)
     out: list[_Bench] = []
-    steps_per_block = {"source_only": 1, "daaa": 1, "daaa_naive": 1}
 
     def trainer_bench(name: str, trainer: DAAATrainer, fn: Callable[[DAAATrainer, int], Any], first: int) -> _Bench:
         counter = [first]
@@ -325,7 +323,7 @@ def _stages(cfg: Config, ctx: Context, folder: Path, stages: tuple[str, ...]) ->
             fn(trainer, counter[0])
             counter[0] += 1
             return trainer.global_batch
-        return _Bench(name, run, steps_per_block[name])
+        return _Bench(name, run, 1)
 
     # the DAAA steps start at the first M_post sync: EM is active (p_t < 1) in every timed step
     first_sync = cfg.adapt.sync_interval
