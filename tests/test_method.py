@@ -183,3 +183,26 @@ def test_sharded_batches_cover_the_global_batch_and_keep_pairs():
     for s in shards:
         assert s.paired_target_rows() == len(s.sf_idx)
         assert torch.equal(s.tf_idx, s.source_idx[: len(s.tf_idx)])
+
+
+def test_resnet50_forward_backward_tiny_input_and_aligned_layers():
+    from daaa.models import ResNet50
+
+    torch.manual_seed(0)
+    net = ResNet50(num_classes=5, pretrained="none")
+    # every conv except the stem's conv1: 16 bottlenecks x 3 + 4 projection shortcuts
+    assert len(net.aligned_layers) == 52 and "backbone.conv1" not in net.aligned_layers
+    x = torch.randn(2, 3, 32, 32)
+    with FeatureRecorder(net, net.aligned_layers) as rec:
+        logits = net(x)
+        assert logits.shape == (2, 5) and len(rec.features) == 52
+        logits.sum().backward()
+    assert net.fc.weight.grad is not None and net.backbone.layer1[0].conv1.weight.grad.abs().sum() > 0
+
+
+def test_resnet50_missing_weights_file_is_a_clear_error(tmp_path):
+    from daaa.errors import DaaaError
+    from daaa.models import ResNet50
+
+    with pytest.raises(DaaaError, match="model.pretrained"):
+        ResNet50(num_classes=3, pretrained=str(tmp_path / "nope.pth"))
