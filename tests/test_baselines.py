@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import pytest
@@ -17,13 +17,8 @@ from daaa.selection import (deep_embedded_validation, density_ratio_weights, dev
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread() -> Iterator[None]:
-    # On a small shared CPU, intra-op thread hand-offs cost far more than these toy-sized ops themselves.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seed() -> None:
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _sgd_step(params: Iterable[torch.Tensor], lr: float) -> None:

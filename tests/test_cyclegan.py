@@ -51,14 +51,12 @@ def domains(size: int = 14) -> tuple[ImageTensors, ImageTensors]:
 
 
 @pytest.fixture(autouse=True, scope="module")  # module scope: also covers the shared `done_run`
-def _deterministic_single_thread():
-    # one thread: toy nets gain nothing from more, and spinning OpenMP threads crawl when the cores are shared
-    prev, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+def _deterministic():
+    # exact resume equality needs deterministic kernels (one thread comes from conftest.py)
+    prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
     yield
     torch.use_deterministic_algorithms(prev)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -36,22 +36,6 @@ DETERMINISTIC = ["--preset", "smoke", "--quiet", "--set", "runtime.deterministic
                  "--set", "runtime.num_threads=1", "--set", "runtime.device=cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as the subprocesses get: on 2 shared cores, spinning OpenMP threads slow tiny convs a
-    lot. Restored afterwards for the rest of the test session, as is the "daaa" logger cli.main sets up."""
-    import logging
-
-    log = logging.getLogger("daaa")
-    before, handlers, propagate, level = torch.get_num_threads(), list(log.handlers), log.propagate, log.level
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    for h in set(log.handlers) - set(handlers):  # cli.main logs to the captured stderr and RUN/log.txt
-        log.removeHandler(h)
-        h.close()
-    log.handlers[:], log.propagate, log.level = handlers, propagate, level
-
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()

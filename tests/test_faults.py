@@ -23,22 +23,6 @@ from daaa.errors import DataError
 SMOKE = ["--preset", "smoke", "--quiet", "--set", "runtime.num_threads=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as the subprocesses get: on 2 shared cores, spinning OpenMP threads slow tiny convs a
-    lot. Restored afterwards for the rest of the test session, as is the "daaa" logger cli.main sets up."""
-    import logging
-
-    log = logging.getLogger("daaa")
-    before, handlers, propagate, level = torch.get_num_threads(), list(log.handlers), log.propagate, log.level
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    for h in set(log.handlers) - set(handlers):  # cli.main logs to the captured stderr and RUN/log.txt
-        log.removeHandler(h)
-        h.close()
-    log.handlers[:], log.propagate, log.level = handlers, propagate, level
-
 
 def _fail(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
     """Run the CLI, expect a failure, return its one error line (after checking there is exactly one)."""

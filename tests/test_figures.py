@@ -38,15 +38,6 @@ def assert_png(path: Path, min_side: int = 150) -> tuple[int, int]:
     return w, h
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # toy nets gain nothing from more threads, and spinning OpenMP threads crawl when the cores are shared
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------ plots on synthetic inputs
 
 def _history(steps: int, at0: float, slope: float, acc0: float, sync: int) -> list[dict]:

@@ -24,14 +24,6 @@ from daaa.validation import SelectionProbe, split_source_validation, summarize_s
 CPU = Context(0, 1, torch.device("cpu"), None, False)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tensors(n: int, classes: int = 3, size: int = 16, shift: int = 0, seed: int = 0, labels: bool = True) -> ImageTensors:
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % classes
@@ -64,7 +56,7 @@ def test_source_validation_split_is_stratified_deterministic_and_disjoint() -> N
 # ---------------------------------------------------------------------------------------------- selection
 
 
-def test_probe_is_deterministic_and_selection_picks_by_direction(one_thread) -> None:
+def test_probe_is_deterministic_and_selection_picks_by_direction() -> None:
     cfg = load_config("smoke", ["model.width=4", "data.image_size=16", "data.load_size=16"])
     src, tgt = _tensors(30, seed=1), _tensors(30, seed=2, shift=40, labels=False)
     train, val = split_source_validation(src, 0.2)
@@ -93,7 +85,7 @@ def test_probe_is_deterministic_and_selection_picks_by_direction(one_thread) -> 
 
 
 @pytest.mark.parametrize("method", ["dann", "dan", "jan"])
-def test_baseline_trainers_train_and_change_the_weights(tmp_path: Path, method: str, one_thread) -> None:
+def test_baseline_trainers_train_and_change_the_weights(tmp_path: Path, method: str) -> None:
     from daaa.trainers.baselines import train_baseline
 
     cfg = load_config("smoke", ["model.width=4", "data.image_size=16", "data.load_size=16", "adapt.steps=3",
@@ -238,7 +230,7 @@ def _check_results(out: Path, experiment: str, tasks: list[str], row_keys: list[
 
 
 @pytest.mark.slow
-def test_reproduce_table1_smoke_on_the_demo_pair(tmp_path: Path, one_thread) -> None:
+def test_reproduce_table1_smoke_on_the_demo_pair(tmp_path: Path) -> None:
     out = tmp_path / "t1"
     argv = ["reproduce", "table1", "--preset", "smoke", "--seeds", "1", "--out", str(out), "--quiet",
             "--set", f"data.data_root={tmp_path / 'nothing'}"]  # no MNIST there: the demo pair
@@ -275,7 +267,7 @@ def _office_tree(root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_reproduce_table2_on_a_tiny_office31_tree(tmp_path: Path, one_thread) -> None:
+def test_reproduce_table2_on_a_tiny_office31_tree(tmp_path: Path) -> None:
     _office_tree(tmp_path / "data")
     out = tmp_path / "t2"
     sets = [f"data.data_root={tmp_path / 'data'}", "model.pretrained=none", "data.image_size=32", "data.load_size=32",
