@@ -36,7 +36,6 @@ DETERMINISTIC = ["--preset", "smoke", "--quiet", "--set", "runtime.deterministic
                  "--set", "runtime.num_threads=1", "--set", "runtime.device=cpu"]
 
 
-
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}

@@ -23,7 +23,6 @@ from daaa.errors import DataError
 SMOKE = ["--preset", "smoke", "--quiet", "--set", "runtime.num_threads=1"]
 
 
-
 def _fail(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
     """Run the CLI, expect a failure, return its one error line (after checking there is exactly one)."""
     rc = cli.main(argv)
