@@ -352,9 +352,10 @@ def _stages(cfg: Config, ctx: Context, folder: Path, stages: tuple[str, ...]) ->
         out.append(_Bench("cyclegan", cyclegan_step, 1))
     if "translate" in stages:
         batch = data.source.images[: cfg.cyclegan.translate_batch_size]
+        style = data.target.images[torch.arange(len(batch)) % len(data.target)] if cg.uses_style else None
 
         def translate() -> int:
-            _translate_all(cg.translate_st, batch, cfg.cyclegan.image_size, len(batch), ctx.device)
+            _translate_all(cg.translate_st, batch, cfg.cyclegan.image_size, len(batch), ctx.device, style)
             return len(batch)
         out.append(_Bench("translate", translate, 1))
     if "evaluate" in stages:

@@ -93,6 +93,9 @@ class CycleGANConfig:
     gan_mode: Literal["lsgan", "log"] = "lsgan"  # "log" is the paper's Eq. 1
     lambda_cycle: float = 10.0
     lambda_identity: float = 0.5  # relative to lambda_cycle, as in the reference code; 0 disables
+    # 0 = the paper's deterministic G_ST. k > 0 (an extension, off in the paper presets): G_ST also sees the k x k
+    # low-pass colour layout of a real target image, so T_f covers every kind of target background (see cyclegan.py)
+    style_grid: int = 0
     pool_size: int = 50
     lr: float = 2e-4
     beta1: float = 0.5

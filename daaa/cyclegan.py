@@ -5,6 +5,18 @@ history pools, Adam with a constant-then-linear learning-rate schedule.
 Images fed to the networks are float tensors in [-1, 1] of shape (N, C, H, W); generators output [-1, 1] (tanh).
 Naming follows the paper: ``G_ST`` maps source S to target T and is judged by ``D_T``; ``G_TS`` maps back and is
 judged by ``D_S``.
+
+Style-conditioned G_ST (``cyclegan.style_grid = k > 0``; an extension, off in the paper's presets). A deterministic
+G_ST gives each source image exactly one translation, and a small one, trained briefly, settles on a few backgrounds:
+on the demo pair 0.65% of its T_f have a digit darker than its background against 32% of real MNIST-M-like images,
+so the target network never sees that half of the target (BENCHMARKS.md). With ``k > 0`` G_ST also receives
+:func:`style_field` of a real target image -- its k x k block means, upsampled: the colour layout without the
+content -- which sets the scale and shift of each of G_ST's instance norms (:class:`StyleModulation`; as an extra
+input channel it would be erased by the first instance norm). In the cycle T -> S_f -> T the field is that of the
+image being reconstructed,
+which is exactly the information G_TS's source-style output lacks, so G_ST learns to use it; translating x^S then
+takes the field of a randomly drawn real target image, so T_f follows the target's distribution of backgrounds.
+G_TS, D_T, D_S and every loss term are unchanged.
 """
 
 from __future__ import annotations
@@ -36,42 +48,82 @@ def init_weights(net: nn.Module, gen: torch.Generator, gain: float = 0.02) -> No
                 nn.init.zeros_(m.bias)
 
 
-class ResnetBlock(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.block = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3, bias=True), _norm(ch), nn.ReLU(True),
-            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3, bias=True), _norm(ch))
+class StyleModulation(nn.Module):
+    """Instance norm whose scale and shift come from a style embedding, per pixel (SPADE, Park et al. 2019):
+    ``IN(x) * (1 + gamma(h)) + beta(h)``. A plain instance norm would subtract a uniform background colour fed as
+    input, which is exactly what the style field carries; modulating after the norm keeps it. gamma and beta start
+    near 0 (the reference init), so an untrained layer is a plain instance norm."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.block(x)
+    def __init__(self, ch: int, style_hidden: int):
+        super().__init__()
+        self.norm = _norm(ch)
+        self.gamma_beta = nn.Conv2d(style_hidden, 2 * ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        if style.shape[-2:] != x.shape[-2:]:
+            style = F.interpolate(style, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        gamma, beta = self.gamma_beta(style).chunk(2, dim=1)
+        return self.norm(x) * (1 + gamma) + beta
+
+
+def _run(layers: nn.Sequential, x: torch.Tensor, style: torch.Tensor | None) -> torch.Tensor:
+    """``layers`` in order, handing the style embedding to the layers that take one."""
+    for layer in layers:
+        x = layer(x, style) if isinstance(layer, (StyleModulation, ResnetBlock)) else layer(x)
+    return x
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, ch: int, norm: Any = None):
+        super().__init__()
+        norm = norm or _norm
+        self.block = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3, bias=True), norm(ch), nn.ReLU(True),
+            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3, bias=True), norm(ch))
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor | None = None) -> torch.Tensor:
+        return x + _run(self.block, x, style)
 
 
 class ResnetGenerator(nn.Module):
     """G_ST or G_TS of Eq. 1-3: 7x7 stem, ``n_downsampling`` stride-2 convs, ``n_blocks`` residual blocks,
     as many transposed-conv upsamplings, 7x7 output conv + tanh (output in [-1, 1]).
 
-    The input side must be a multiple of ``2 ** n_downsampling`` (see :func:`check_image_size`).
+    ``style_ch > 0`` makes it style-conditioned: ``forward(x, style)`` takes a (N, style_ch, H, W) style field,
+    embeds it with a 3x3 conv + ReLU (``style_hidden`` channels) and every instance norm becomes a
+    :class:`StyleModulation` driven by that embedding. The input side must be a multiple of ``2 ** n_downsampling``
+    (see :func:`check_image_size`).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, ngf: int = 64, n_blocks: int = 9, n_downsampling: int = 2):
+    def __init__(self, in_ch: int, out_ch: int, ngf: int = 64, n_blocks: int = 9, n_downsampling: int = 2,
+                 style_ch: int = 0, style_hidden: int = 32):
         super().__init__()
+        self.style_embed = (nn.Sequential(nn.Conv2d(style_ch, style_hidden, 3, padding=1), nn.ReLU(True))
+                            if style_ch else None)
+
+        def norm(ch: int) -> nn.Module:
+            return StyleModulation(ch, style_hidden) if style_ch else _norm(ch)
+
         # bias=True everywhere: instance norm has no affine shift, so the reference keeps conv biases
-        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_ch, ngf, 7), _norm(ngf), nn.ReLU(True)]
+        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_ch, ngf, 7), norm(ngf), nn.ReLU(True)]
         for i in range(n_downsampling):
             c = ngf * 2 ** i
-            layers += [nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), _norm(2 * c), nn.ReLU(True)]
+            layers += [nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), norm(2 * c), nn.ReLU(True)]
         c = ngf * 2 ** n_downsampling
-        layers += [ResnetBlock(c) for _ in range(n_blocks)]
+        layers += [ResnetBlock(c, norm) for _ in range(n_blocks)]
         for i in range(n_downsampling):
             c = ngf * 2 ** (n_downsampling - i)
             layers += [nn.ConvTranspose2d(c, c // 2, 3, stride=2, padding=1, output_padding=1),
-                       _norm(c // 2), nn.ReLU(True)]
+                       norm(c // 2), nn.ReLU(True)]
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_ch, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def forward(self, x: torch.Tensor, style: torch.Tensor | None = None) -> torch.Tensor:
+        if self.style_embed is None:
+            return self.model(x)
+        if style is None:
+            raise ValueError("this generator is style-conditioned: pass a style field")
+        return _run(self.model, x, self.style_embed(style))
 
 
 class PatchDiscriminator(nn.Module):
@@ -92,6 +144,13 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+
+def style_field(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """The k x k colour layout of ``images`` (N, C, H, W): block means (adaptive average pooling to ``grid`` x
+    ``grid``) upsampled bilinearly back to H x W. Coarse enough to carry a background's colours but not a digit."""
+    return F.interpolate(F.adaptive_avg_pool2d(images, grid), size=images.shape[-2:], mode="bilinear",
+                         align_corners=False)
 
 
 def check_image_size(size: int, n_downsampling: int, n_layers_d: int) -> None:
@@ -193,8 +252,11 @@ class CycleGAN(nn.Module):
         self.amp_dtype, self.channels_last = amp_dtype, channels_last
         gen = torch.Generator().manual_seed(seed)
         # fork the global RNG: module constructors draw from it before we overwrite every weight from `gen`
+        if cfg.style_grid < 0 or cfg.style_grid > cfg.image_size:
+            raise ConfigError(f"option cyclegan.style_grid: {cfg.style_grid} must be 0 (off) or in 1..{cfg.image_size}")
         with torch.random.fork_rng(devices=[]):
-            self.G_ST = ResnetGenerator(channels, channels, cfg.ngf, cfg.n_blocks, cfg.n_downsampling)
+            self.G_ST = ResnetGenerator(channels, channels, cfg.ngf, cfg.n_blocks, cfg.n_downsampling,
+                                        style_ch=channels if cfg.style_grid else 0)
             self.G_TS = ResnetGenerator(channels, channels, cfg.ngf, cfg.n_blocks, cfg.n_downsampling)
             self.D_T = PatchDiscriminator(channels, cfg.ndf, cfg.n_layers_d)
             self.D_S = PatchDiscriminator(channels, cfg.ndf, cfg.n_layers_d)
@@ -221,6 +283,19 @@ class CycleGAN(nn.Module):
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    @property
+    def uses_style(self) -> bool:
+        return self.cfg.style_grid > 0
+
+    def _g_st(self, x: torch.Tensor, style_images: torch.Tensor | None) -> torch.Tensor:
+        """G_ST(x), or G_ST(x, style_field(style_images)) when style-conditioned."""
+        if not self.uses_style:
+            return self.G_ST(x)
+        if style_images is None or style_images.shape[0] != x.shape[0]:
+            raise ValueError("G_ST is style-conditioned (cyclegan.style_grid > 0): pass one real target image per "
+                             "input image as style_images")
+        return self.G_ST(x, self._input(style_field(style_images, self.cfg.style_grid)))
+
     def _set_d_grad(self, flag: bool) -> None:
         for p in itertools.chain(self.D_T.parameters(), self.D_S.parameters()):
             p.requires_grad_(flag)
@@ -240,11 +315,14 @@ class CycleGAN(nn.Module):
         # generators: D frozen so its gradients are not accumulated by the generator loss
         self._set_d_grad(False)
         self.opt_g.zero_grad(set_to_none=True)
+        # style-conditioned: x^S is drawn in the layout of another real target image of the batch, and the cycle
+        # T -> S_f -> T gets the layout of the very image it must reconstruct
+        other_t = torch.roll(real_t, 1, 0) if real_t.shape[0] > 1 else real_t
         with self._autocast(real_s):
-            fake_t = self.G_ST(real_s)
+            fake_t = self._g_st(real_s, other_t)
             fake_s = self.G_TS(real_t)
             rec_s = self.G_TS(fake_t)
-            rec_t = self.G_ST(fake_s)
+            rec_t = self._g_st(fake_s, real_t)
             g_st = self.gan_loss(self.D_T(fake_t).float(), True)
             g_ts = self.gan_loss(self.D_S(fake_s).float(), True)
             cycle_s = F.l1_loss(rec_s.float(), real_s)
@@ -253,7 +331,7 @@ class CycleGAN(nn.Module):
             identity = torch.zeros((), device=real_s.device)
             if c.lambda_identity > 0:
                 # G_ST should leave a real target image unchanged and G_TS a real source image (reference code)
-                identity = (F.l1_loss(self.G_ST(real_t).float(), real_t)
+                identity = (F.l1_loss(self._g_st(real_t, real_t).float(), real_t)
                             + F.l1_loss(self.G_TS(real_s).float(), real_s))
                 total = total + c.lambda_identity * c.lambda_cycle * identity
         self.scaler.scale(total).backward()
@@ -285,22 +363,24 @@ class CycleGAN(nn.Module):
         out["lr"] = lr
         return out
 
-    def _translate(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _translate(self, fn: Any, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         was_training = net.training
         net.eval()
         try:
             with torch.no_grad(), self._autocast(x):
-                return net(self._input(x)).float()
+                return fn(self._input(x)).float()
         finally:
             net.train(was_training)
 
-    def translate_st(self, x: torch.Tensor) -> torch.Tensor:
-        """G_ST(x): source images in [-1, 1] -> synthetic target images in [-1, 1] (no gradients)."""
-        return self._translate(self.G_ST, x)
+    def translate_st(self, x: torch.Tensor, style_images: torch.Tensor | None = None) -> torch.Tensor:
+        """G_ST(x): source images in [-1, 1] -> synthetic target images in [-1, 1] (no gradients). A
+        style-conditioned model (``cyclegan.style_grid > 0``) also needs ``style_images``: one real target image in
+        [-1, 1] per input image, whose colour layout the translation takes."""
+        return self._translate(lambda v: self._g_st(v, style_images), self.G_ST, x)
 
     def translate_ts(self, x: torch.Tensor) -> torch.Tensor:
         """G_TS(x): target images in [-1, 1] -> synthetic source images in [-1, 1] (no gradients)."""
-        return self._translate(self.G_TS, x)
+        return self._translate(self.G_TS, self.G_TS, x)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         """Everything needed to continue training exactly. With arguments (a parent module recursing) it behaves

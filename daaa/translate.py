@@ -5,7 +5,8 @@ Files in ``RUN/translate/`` (see :mod:`daaa.runs` for key.json, checkpoint.pt, s
 
     synthetic_target/000017.png   T_f[17] = G_ST(S[17]), at the source images' stored size
     synthetic_source/000004.png   S_f[4]  = G_TS(T[4]),  at the target images' stored size
-    manifest.json                 per synthetic image: file, real counterpart's id and index, (T_f) label
+    manifest.json                 per synthetic image: file, real counterpart's id and index, (T_f) label and,
+                                  with a style-conditioned G_ST, the id of the target image whose layout it took
     translated.pt                 {"synthetic_target": uint8 (N,C,H,W), "synthetic_source": uint8 (M,C,H,W)}
     pairs.png, losses.png         Fig. 3-style pairs; loss curves
     history.jsonl, tb/            losses every ``cyclegan.log_interval`` steps (averaged over the interval)
@@ -173,12 +174,21 @@ def _train(stage: Stage, cfg: Config, model: CycleGAN, source: ImageTensors, tar
 
 
 def _translate_all(fn: Any, images: torch.Tensor, size: int, batch_size: int,
-                   device: torch.device) -> torch.Tensor:
+                   device: torch.device, style_images: torch.Tensor | None = None) -> torch.Tensor:
+    """``fn`` over ``images`` in batches; ``style_images`` (aligned with ``images``) go along as its second
+    argument when given (a style-conditioned G_ST)."""
     out = torch.empty_like(images)
     for a in range(0, len(images), batch_size):
-        out[a:a + batch_size] = to_uint8(fn(to_model_range(images[a:a + batch_size], size, device)),
-                                         tuple(images.shape[-2:]))
+        x = to_model_range(images[a:a + batch_size], size, device)
+        y = fn(x) if style_images is None else fn(x, to_model_range(style_images[a:a + batch_size], size, device))
+        out[a:a + batch_size] = to_uint8(y, tuple(images.shape[-2:]))
     return out
+
+
+def style_indices(n_source: int, n_target: int, seed: int) -> torch.Tensor:
+    """For a style-conditioned G_ST: which real target image lends its colour layout to each source image's
+    translation -- uniform draws, fixed by the run's seed."""
+    return torch.randint(n_target, (n_source,), generator=torch.Generator().manual_seed(seed + 7919))
 
 
 def _save_png(img: torch.Tensor, path: Path) -> None:
@@ -187,7 +197,7 @@ def _save_png(img: torch.Tensor, path: Path) -> None:
 
 
 def _write_outputs(out_dir: Path, source: ImageTensors, target: ImageTensors, fake_t: torch.Tensor,
-                   fake_s: torch.Tensor, history: list[dict]) -> None:
+                   fake_s: torch.Tensor, history: list[dict], style_idx: torch.Tensor | None = None) -> None:
     """Everything of OUTPUTS into ``out_dir`` (a temporary folder)."""
     manifest: dict[str, Any] = {"format": MANIFEST_FORMAT, "source": source.name, "target": target.name,
                                 "classes": source.classes, "synthetic_target": [], "synthetic_source": []}
@@ -197,6 +207,8 @@ def _write_outputs(out_dir: Path, source: ImageTensors, target: ImageTensors, fa
             name = f"{kind}/{i:06d}.png"
             _save_png(fakes[i], out_dir / name)
             entry: dict[str, Any] = {"file": name, "real_id": real.ids[i], "real_index": i}
+            if kind == "synthetic_target" and style_idx is not None:  # whose colour layout G_ST was given
+                entry["style_target_id"] = target.ids[int(style_idx[i])]
             if kind == "synthetic_target" and source.labels is not None:
                 label = int(source.labels[i])
                 entry["label"] = label
@@ -252,11 +264,13 @@ def run_translation(run_dir: Path, cfg: Config, source: ImageTensors, target: Im
     history, train_seconds = _train(stage, cfg, model, source, target, device, progress)
 
     t0 = time.perf_counter()
-    fake_t = _translate_all(model.translate_st, source.images, c.image_size, c.translate_batch_size, device)
+    style_idx = style_indices(len(source), len(target), cfg.runtime.seed) if model.uses_style else None
+    fake_t = _translate_all(model.translate_st, source.images, c.image_size, c.translate_batch_size, device,
+                            None if style_idx is None else target.images[style_idx])
     fake_s = _translate_all(model.translate_ts, target.images, c.image_size, c.translate_batch_size, device)
     tmp = Path(tempfile.mkdtemp(dir=stage.dir, prefix=".output-"))
     try:
-        _write_outputs(tmp, source, target, fake_t, fake_s, history)
+        _write_outputs(tmp, source, target, fake_t, fake_s, history, style_idx)
         _move_into_place(tmp, stage.dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from daaa.config import Config, CycleGANConfig
-from daaa.cyclegan import CycleGAN, GANLoss, ImagePool, PatchDiscriminator, ResnetGenerator, check_image_size
+from daaa.cyclegan import (CycleGAN, GANLoss, ImagePool, PatchDiscriminator, ResnetGenerator, check_image_size,
+                           style_field)
 from daaa.data.domain import ImageTensors
 from daaa.errors import ConfigError, DaaaError, DataError
 from daaa.translate import load_translation, load_translation_folders, run_translation
@@ -101,6 +102,40 @@ def test_training_lowers_cycle_loss():
     assert model.translate_st(xs).shape == xs.shape
 
 
+def test_style_field_keeps_layout_drops_content():
+    x = torch.zeros(1, 3, 16, 16)
+    x[:, 0, :, 8:] = 1.0  # red right half
+    x[:, 1, ::2, ::2] = 1.0  # a 1-pixel green grid: content finer than the blocks
+    f = style_field(x, 2)
+    assert f.shape == x.shape
+    assert f[0, 0, :, 0].max() < 0.3 and f[0, 0, :, -1].min() > 0.7  # the colour layout survives
+    assert torch.allclose(f[0, 1], torch.full((16, 16), 0.25))  # the grid averages out to its mean
+
+
+def test_style_conditioned_generator():
+    model = CycleGAN(tiny_cg(style_grid=2), channels=3, seed=0)
+    assert model.uses_style and model.G_ST.style_embed is not None and model.G_TS.style_embed is None
+    xs = torch.rand(4, 3, 16, 16) * 2 - 1
+    dark, light = -torch.ones_like(xs), torch.ones_like(xs)
+    losses = model.training_step(xs, torch.rand(4, 3, 16, 16) * 2 - 1)
+    assert all(np.isfinite(v) for v in losses.values())
+    # the layout is an input: a different target image changes the translation of the same source image
+    assert not torch.allclose(model.translate_st(xs, dark), model.translate_st(xs, light))
+    with pytest.raises(ValueError, match="style_images"):
+        model.translate_st(xs)
+    with pytest.raises(ConfigError, match="cyclegan.style_grid"):
+        CycleGAN(tiny_cg(style_grid=-1), channels=3)
+
+
+def test_style_conditioned_stage_records_layout_donors(tmp_path):
+    src, tgt = domains()
+    tr = run_translation(tmp_path, tiny_cfg(style_grid=2), src, tgt, CPU, progress=False)
+    man = json.loads((tmp_path / "translate" / "manifest.json").read_text())
+    donors = [e["style_target_id"] for e in man["synthetic_target"]]
+    assert len(donors) == len(src) and set(donors) <= set(tgt.ids) and len(set(donors)) > 1
+    assert tr.synthetic_target.shape == src.images.shape
+
+
 def test_outputs_and_manifest(done_run):
     run_dir, src, tgt, tr = done_run
     stage = run_dir / "translate"
@@ -115,6 +150,7 @@ def test_outputs_and_manifest(done_run):
         assert torch.equal(png, tr.synthetic_target[i, 0])  # the PNG holds exactly the returned tensor
     for j, e in enumerate(man["synthetic_source"]):
         assert e["real_id"] == tgt.ids[j] and (stage / e["file"]).is_file() and "label" not in e
+    assert "style_target_id" not in man["synthetic_target"][0]  # the paper's G_ST takes no layout
     hist = [json.loads(line) for line in (stage / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist] == [2, 4, 6]
     for f in ("pairs.png", "losses.png", "checkpoint.pt", "stage.json"):
