@@ -341,6 +341,9 @@ def validate(cfg: Config) -> None:
                     ("data.image_size", cfg.data.image_size)):
         if v <= 0:
             raise ConfigError(f"option {name}: {v} must be positive")
+    if not 0 <= cfg.cyclegan.style_grid <= cfg.cyclegan.image_size:
+        raise ConfigError(f"option cyclegan.style_grid: {cfg.cyclegan.style_grid} must be 0 (off) or in "
+                          f"1..{cfg.cyclegan.image_size} (cyclegan.image_size)")
     if cfg.data.channels not in (1, 3):
         raise ConfigError(f"option data.channels: {cfg.data.channels} must be 1 or 3")
     if cfg.data.load_size < cfg.data.image_size:

@@ -123,6 +123,7 @@ def test_other_sizes_and_channels_are_converted(tmp_path: Path) -> None:
     ("runtime.precision=fp8", "option runtime.precision"),
     ("adapt.beta=-1", "option adapt.beta"),
     ("source.steps=many", "option source.steps"),
+    ("cyclegan.style_grid=99", "option cyclegan.style_grid"),
 ])
 def test_invalid_config(tmp_path: Path, capsys, override: str, needle: str) -> None:
     line = _fail(capsys, ["train-source", "--source", "demo", "--out", str(tmp_path / "run"), *SMOKE,
