@@ -9,14 +9,13 @@ judged by ``D_S``.
 Style-conditioned G_ST (``cyclegan.style_grid = k > 0``; an extension, off in the paper's presets). A deterministic
 G_ST gives each source image exactly one translation, and a small one, trained briefly, settles on a few backgrounds:
 on the demo pair 0.65% of its T_f have a digit darker than its background against 32% of real MNIST-M-like images,
-so the target network never sees that half of the target (BENCHMARKS.md). With ``k > 0`` G_ST also receives
+so the target network never sees that part of the target (BENCHMARKS.md). With ``k > 0`` G_ST also receives
 :func:`style_field` of a real target image -- its k x k block means, upsampled: the colour layout without the
 content -- which sets the scale and shift of each of G_ST's instance norms (:class:`StyleModulation`; as an extra
 input channel it would be erased by the first instance norm). In the cycle T -> S_f -> T the field is that of the
-image being reconstructed,
-which is exactly the information G_TS's source-style output lacks, so G_ST learns to use it; translating x^S then
-takes the field of a randomly drawn real target image, so T_f follows the target's distribution of backgrounds.
-G_TS, D_T, D_S and every loss term are unchanged.
+image being reconstructed, exactly the information G_TS's source-style output lacks, so G_ST learns to use it;
+translating x^S then takes the field of a randomly drawn real target image, so T_f follows the target's distribution
+of backgrounds. G_TS, D_T, D_S and every loss term are unchanged.
 """
 
 from __future__ import annotations
@@ -251,9 +250,9 @@ class CycleGAN(nn.Module):
         self.cfg = cfg
         self.amp_dtype, self.channels_last = amp_dtype, channels_last
         gen = torch.Generator().manual_seed(seed)
-        # fork the global RNG: module constructors draw from it before we overwrite every weight from `gen`
         if cfg.style_grid < 0 or cfg.style_grid > cfg.image_size:
             raise ConfigError(f"option cyclegan.style_grid: {cfg.style_grid} must be 0 (off) or in 1..{cfg.image_size}")
+        # fork the global RNG: module constructors draw from it before we overwrite every weight from `gen`
         with torch.random.fork_rng(devices=[]):
             self.G_ST = ResnetGenerator(channels, channels, cfg.ngf, cfg.n_blocks, cfg.n_downsampling,
                                         style_ch=channels if cfg.style_grid else 0)
