@@ -320,6 +320,13 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
     return cfg
 
 
+def check_style_grid(c: CycleGANConfig) -> None:
+    """Raise ConfigError unless cyclegan.style_grid is 0 (off) or a grid no finer than the image."""
+    if not 0 <= c.style_grid <= c.image_size:
+        raise ConfigError(f"option cyclegan.style_grid: {c.style_grid} must be 0 (off) or in "
+                          f"1..{c.image_size} (cyclegan.image_size)")
+
+
 def validate(cfg: Config) -> None:
     """Checks across fields that a type cannot express."""
     a = cfg.adapt
@@ -341,9 +348,7 @@ def validate(cfg: Config) -> None:
                     ("data.image_size", cfg.data.image_size)):
         if v <= 0:
             raise ConfigError(f"option {name}: {v} must be positive")
-    if not 0 <= cfg.cyclegan.style_grid <= cfg.cyclegan.image_size:
-        raise ConfigError(f"option cyclegan.style_grid: {cfg.cyclegan.style_grid} must be 0 (off) or in "
-                          f"1..{cfg.cyclegan.image_size} (cyclegan.image_size)")
+    check_style_grid(cfg.cyclegan)
     if cfg.data.channels not in (1, 3):
         raise ConfigError(f"option data.channels: {cfg.data.channels} must be 1 or 3")
     if cfg.data.load_size < cfg.data.image_size:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CycleGANConfig
+from .config import CycleGANConfig, check_style_grid
 from .distributed import autocast
 from .errors import ConfigError, NonFiniteLossError
 
@@ -250,8 +250,7 @@ class CycleGAN(nn.Module):
         self.cfg = cfg
         self.amp_dtype, self.channels_last = amp_dtype, channels_last
         gen = torch.Generator().manual_seed(seed)
-        if cfg.style_grid < 0 or cfg.style_grid > cfg.image_size:
-            raise ConfigError(f"option cyclegan.style_grid: {cfg.style_grid} must be 0 (off) or in 1..{cfg.image_size}")
+        check_style_grid(cfg)  # also for a CycleGANConfig built in code, which validate() never sees
         # fork the global RNG: module constructors draw from it before we overwrite every weight from `gen`
         with torch.random.fork_rng(devices=[]):
             self.G_ST = ResnetGenerator(channels, channels, cfg.ngf, cfg.n_blocks, cfg.n_downsampling,
@@ -316,7 +315,7 @@ class CycleGAN(nn.Module):
         self.opt_g.zero_grad(set_to_none=True)
         # style-conditioned: x^S is drawn in the layout of another real target image of the batch, and the cycle
         # T -> S_f -> T gets the layout of the very image it must reconstruct
-        other_t = torch.roll(real_t, 1, 0) if real_t.shape[0] > 1 else real_t
+        other_t = torch.roll(real_t, 1, 0) if self.uses_style else None
         with self._autocast(real_s):
             fake_t = self._g_st(real_s, other_t)
             fake_s = self.G_TS(real_t)
