@@ -74,7 +74,7 @@ def naive_daaa_losses(trainer: DAAATrainer, step: int) -> dict[str, torch.Tensor
     crops = None
     if cfg.augment:
         g = torch.Generator().manual_seed(trainer.seed * 1_000_003 + step)
-        crops = crop_params(images.shape[0], images.shape[-1], cfg.image_size, g)
+        crops = crop_params(images.shape[0], images.shape[-1], cfg.image_size, g, cfg.flip)
 
     def prep(imgs: torch.Tensor, rows: slice | None, train: bool = True) -> torch.Tensor:
         c = None if crops is None or rows is None else crops[rows]

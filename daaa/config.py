@@ -29,6 +29,7 @@ class DataConfig:
     load_size: int = 32  # images are decoded once at this size; random crops of image_size are taken from it
     channels: int = 3  # 1 (grayscale) or 3 (RGB); every image is converted to this
     augment: bool = False  # random crop (load_size -> image_size) and horizontal flip while training
+    flip: bool = True  # the horizontal flip of `augment` (off for digits: a mirrored 2 is no 2)
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     data_root: str = "~/.cache/daaa"  # where built-in data sets are looked for / downloaded

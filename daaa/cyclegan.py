@@ -10,12 +10,12 @@ Style-conditioned G_ST (``cyclegan.style_grid = k > 0``; an extension, off in th
 G_ST gives each source image exactly one translation, and a small one, trained briefly, settles on a few backgrounds:
 on the demo pair 0.65% of its T_f have a digit darker than its background against 32% of real MNIST-M-like images,
 so the target network never sees that part of the target (BENCHMARKS.md). With ``k > 0`` G_ST also receives
-:func:`style_field` of a real target image -- its k x k block means, upsampled: the colour layout without the
-content -- which sets the scale and shift of each of G_ST's instance norms (:class:`StyleModulation`; as an extra
-input channel it would be erased by the first instance norm). In the cycle T -> S_f -> T the field is that of the
-image being reconstructed, exactly the information G_TS's source-style output lacks, so G_ST learns to use it;
-translating x^S then takes the field of a randomly drawn real target image, so T_f follows the target's distribution
-of backgrounds. G_TS, D_T, D_S and every loss term are unchanged.
+:func:`style_field` of a real target image -- its k x k block means: the colour layout without the content -- which
+sets the scale and shift of each of G_ST's instance norms (:class:`StyleModulation`; as an extra input channel it
+would be erased by the first instance norm). In the cycle T -> S_f -> T the field is that of the image being
+reconstructed, exactly the information G_TS's source-style output lacks, so G_ST learns to use it; translating x^S
+then takes the field of a randomly drawn real target image, so T_f follows the target's distribution of backgrounds.
+G_TS, D_T, D_S and every loss term are unchanged.
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ class StyleModulation(nn.Module):
     """Instance norm whose scale and shift come from a style embedding, per pixel (SPADE, Park et al. 2019):
     ``IN(x) * (1 + gamma(h)) + beta(h)``. A plain instance norm would subtract a uniform background colour fed as
     input, which is exactly what the style field carries; modulating after the norm keeps it. gamma and beta start
-    near 0 (the reference init), so an untrained layer is a plain instance norm."""
+    near 0 (the reference init), so an untrained layer is a plain instance norm.
+
+    ``h`` is the embedding of the k x k layout: gamma and beta are computed at that coarse size and upsampled
+    bilinearly to ``x``, which costs almost nothing (computing them at full size cost more than G_ST itself)."""
 
     def __init__(self, ch: int, style_hidden: int):
         super().__init__()
@@ -59,9 +62,10 @@ class StyleModulation(nn.Module):
         self.gamma_beta = nn.Conv2d(style_hidden, 2 * ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-        if style.shape[-2:] != x.shape[-2:]:
-            style = F.interpolate(style, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        gamma, beta = self.gamma_beta(style).chunk(2, dim=1)
+        gamma_beta = self.gamma_beta(style)
+        if gamma_beta.shape[-2:] != x.shape[-2:]:
+            gamma_beta = F.interpolate(gamma_beta, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        gamma, beta = gamma_beta.chunk(2, dim=1)
         return self.norm(x) * (1 + gamma) + beta
 
 
@@ -88,9 +92,9 @@ class ResnetGenerator(nn.Module):
     """G_ST or G_TS of Eq. 1-3: 7x7 stem, ``n_downsampling`` stride-2 convs, ``n_blocks`` residual blocks,
     as many transposed-conv upsamplings, 7x7 output conv + tanh (output in [-1, 1]).
 
-    ``style_ch > 0`` makes it style-conditioned: ``forward(x, style)`` takes a (N, style_ch, H, W) style field,
-    embeds it with a 3x3 conv + ReLU (``style_hidden`` channels) and every instance norm becomes a
-    :class:`StyleModulation` driven by that embedding. The input side must be a multiple of ``2 ** n_downsampling``
+    ``style_ch > 0`` makes it style-conditioned: ``forward(x, style)`` takes a (N, style_ch, k, k) layout
+    (:func:`style_field`), embeds it with a 3x3 conv + ReLU (``style_hidden`` channels) and every instance norm
+    becomes a :class:`StyleModulation` driven by that embedding. The input side must be a multiple of ``2 ** n_downsampling``
     (see :func:`check_image_size`).
     """
 
@@ -146,10 +150,9 @@ class PatchDiscriminator(nn.Module):
 
 
 def style_field(images: torch.Tensor, grid: int) -> torch.Tensor:
-    """The k x k colour layout of ``images`` (N, C, H, W): block means (adaptive average pooling to ``grid`` x
-    ``grid``) upsampled bilinearly back to H x W. Coarse enough to carry a background's colours but not a digit."""
-    return F.interpolate(F.adaptive_avg_pool2d(images, grid), size=images.shape[-2:], mode="bilinear",
-                         align_corners=False)
+    """The ``grid`` x ``grid`` colour layout of ``images`` (N, C, H, W): block means (adaptive average pooling),
+    shape (N, C, grid, grid). Coarse enough to carry a background's colours but not a digit."""
+    return F.adaptive_avg_pool2d(images, grid)
 
 
 def check_image_size(size: int, n_downsampling: int, n_layers_d: int) -> None:

@@ -344,3 +344,20 @@ def test_resolve_domain_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="needs labels"):
         resolve_domain(str(tmp_path / "flat"), "target_test", cfg)
     assert isinstance(resolve_domain(str(tmp_path / "flat"), "target", cfg), Domain)
+
+
+def test_random_crops_follow_params_and_flip_switch() -> None:
+    import torch
+
+    from daaa.data.transforms import crop_params, prepare
+
+    images = torch.arange(2 * 3 * 6 * 6, dtype=torch.uint8).reshape(2, 3, 6, 6)
+    cfg = DataConfig(image_size=4, load_size=6, augment=True, flip=False)
+    params = crop_params(200, 6, 4, torch.Generator().manual_seed(0), flip=cfg.flip)
+    assert params[:, 2].eq(0).all() and params[:, :2].min() == 0 and params[:, :2].max() == 2  # offsets 0..2, no flip
+    assert crop_params(200, 6, 4, torch.Generator().manual_seed(0))[:, 2].eq(1).any()  # flips by default
+    x = prepare(images, cfg, train=True, crops=params[:2])
+    (top, left, _), = params[:1].tolist()
+    expect = prepare(images[:1, :, top:top + 4, left:left + 4], DataConfig(image_size=4, load_size=4))
+    assert torch.equal(x[:1], expect)
+    assert prepare(images, cfg).shape == (2, 3, 4, 4)  # evaluation: centre crop

@@ -25,12 +25,12 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return images[..., top:top + size, left:left + size]
 
 
-def crop_params(n: int, load_size: int, size: int, generator: torch.Generator) -> torch.Tensor:
+def crop_params(n: int, load_size: int, size: int, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
     """(n, 3) rows of (top, left, flip) for :func:`random_crop_flip`; drawn once per batch so that the two images
-    of an attention pair can be cropped alike."""
+    of an attention pair can be cropped alike. ``flip=False`` never flips (digits: a mirrored 2 is no 2)."""
     tops = torch.randint(0, load_size - size + 1, (n,), generator=generator)
     lefts = torch.randint(0, load_size - size + 1, (n,), generator=generator)
-    flips = (torch.rand(n, generator=generator) < 0.5).long()
+    flips = (torch.rand(n, generator=generator) < 0.5).long() * int(flip)
     return torch.stack([tops, lefts, flips], dim=1)
 
 

@@ -185,7 +185,7 @@ class DAAATrainer:
         crops = None
         if self.data_cfg.augment:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            crops = crop_params(images.shape[0], images.shape[-1], self.data_cfg.image_size, g)
+            crops = crop_params(images.shape[0], images.shape[-1], self.data_cfg.image_size, g, self.data_cfg.flip)
         x = prepare(images, self.data_cfg, train=True, crops=crops, device=ctx.device, channels_last=ctx.channels_last)
 
         self.model.train()

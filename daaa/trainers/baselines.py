@@ -125,7 +125,7 @@ class BaselineTrainer:
         crops = None
         if self.cfg.data.augment:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            crops = crop_params(images.shape[0], images.shape[-1], self.cfg.data.image_size, g)
+            crops = crop_params(images.shape[0], images.shape[-1], self.cfg.data.image_size, g, self.cfg.data.flip)
         x = prepare(images, self.cfg.data, train=True, crops=crops, device=ctx.device, channels_last=ctx.channels_last)
         coeff = dann_coefficient(step / max(spec.steps, 1), b.grl_alpha) if self.method == "dann" else 0.0
 
