@@ -94,8 +94,8 @@ class ResnetGenerator(nn.Module):
 
     ``style_ch > 0`` makes it style-conditioned: ``forward(x, style)`` takes a (N, style_ch, k, k) layout
     (:func:`style_field`), embeds it with a 3x3 conv + ReLU (``style_hidden`` channels) and every instance norm
-    becomes a :class:`StyleModulation` driven by that embedding. The input side must be a multiple of ``2 ** n_downsampling``
-    (see :func:`check_image_size`).
+    becomes a :class:`StyleModulation` driven by that embedding. The input side must be a multiple of
+    ``2 ** n_downsampling`` (see :func:`check_image_size`).
     """
 
     def __init__(self, in_ch: int, out_ch: int, ngf: int = 64, n_blocks: int = 9, n_downsampling: int = 2,
