@@ -45,7 +45,7 @@ from .attention import FeatureRecorder
 from .batches import STREAM_ORDER
 from .config import Config
 from .data.domain import ImageTensors
-from .data.transforms import crop_params, prepare
+from .data.transforms import prepare, train_crops
 from .distributed import Context
 from .em import confidence_mask, em_loss
 from .optim import set_lr
@@ -71,10 +71,7 @@ def naive_daaa_losses(trainer: DAAATrainer, step: int) -> dict[str, torch.Tensor
     batch = trainer.sampler.batch(step)
     sl = batch.slices()
     images = trainer._images(batch)  # only for the crops' shape: every stream is prepared on its own below
-    crops = None
-    if cfg.augment:
-        g = torch.Generator().manual_seed(trainer.seed * 1_000_003 + step)
-        crops = crop_params(images.shape[0], images.shape[-1], cfg.image_size, g, cfg.flip)
+    crops = train_crops(images, cfg, trainer.seed, step)
 
     def prep(imgs: torch.Tensor, rows: slice | None, train: bool = True) -> torch.Tensor:
         c = None if crops is None or rows is None else crops[rows]

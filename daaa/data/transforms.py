@@ -34,6 +34,15 @@ def crop_params(n: int, load_size: int, size: int, generator: torch.Generator, f
     return torch.stack([tops, lefts, flips], dim=1)
 
 
+def train_crops(images: torch.Tensor, cfg: DataConfig, seed: int, step: int) -> torch.Tensor | None:
+    """The crop (and flip) rows of training step ``step`` for the batch ``images`` when ``cfg.augment`` is on,
+    else None; seeded by (seed, step) so that a resumed run draws the same crops."""
+    if not cfg.augment:
+        return None
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return crop_params(images.shape[0], images.shape[-1], cfg.image_size, g, cfg.flip)
+
+
 def random_crop_flip(images: torch.Tensor, size: int, params: torch.Tensor) -> torch.Tensor:
     """Per-sample ``size`` crop and horizontal flip (the usual Office-31 training augmentation)."""
     tops, lefts, flips = params.unbind(1)
@@ -49,7 +58,7 @@ def prepare(images: torch.Tensor, cfg: DataConfig, train: bool = False, crops: t
             device: torch.device | None = None, channels_last: bool = False) -> torch.Tensor:
     """uint8 batch -> normalised float batch on ``device`` at ``cfg.image_size``.
 
-    Training batches with ``cfg.augment`` are cropped and flipped by ``crops`` (from :func:`crop_params`);
+    Training batches with ``cfg.augment`` are cropped and flipped by ``crops`` (from :func:`train_crops`);
     everything else is centre-cropped.
     """
     if train and cfg.augment and crops is not None:

@@ -24,7 +24,7 @@ from ..attention import AttentionAlignmentLoss, FeatureRecorder
 from ..batches import MixedBatch, MixedBatchSampler
 from ..config import AdaptConfig, DataConfig
 from ..data.domain import ImageTensors
-from ..data.transforms import crop_params, prepare
+from ..data.transforms import prepare, train_crops
 from ..distributed import Context, unwrap
 from ..em import PosteriorNetwork, confidence_mask, em_loss
 from ..errors import DaaaError
@@ -182,10 +182,7 @@ class DAAATrainer:
         batch = self.sampler.batch(step)
         sl = batch.slices()
         images = self._images(batch)
-        crops = None
-        if self.data_cfg.augment:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            crops = crop_params(images.shape[0], images.shape[-1], self.data_cfg.image_size, g, self.data_cfg.flip)
+        crops = train_crops(images, self.data_cfg, self.seed, step)
         x = prepare(images, self.data_cfg, train=True, crops=crops, device=ctx.device, channels_last=ctx.channels_last)
 
         self.model.train()

@@ -33,7 +33,7 @@ from ..baselines import DomainAdversarialLoss, DomainDiscriminator, dann_coeffic
 from ..batches import MixedBatchSampler
 from ..config import BaselineConfig, Config
 from ..data.domain import fingerprint
-from ..data.transforms import crop_params, prepare
+from ..data.transforms import prepare, train_crops
 from ..distributed import Context
 from ..errors import DaaaError
 from ..evaluate import evaluate
@@ -122,10 +122,7 @@ class BaselineTrainer:
         batch = self.sampler.batch(step)
         n_s = len(batch.source_idx)
         images = torch.cat([self.data.source.images[batch.source_idx], self.data.target.images[batch.target_idx]])
-        crops = None
-        if self.cfg.data.augment:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            crops = crop_params(images.shape[0], images.shape[-1], self.cfg.data.image_size, g, self.cfg.data.flip)
+        crops = train_crops(images, self.cfg.data, self.seed, step)
         x = prepare(images, self.cfg.data, train=True, crops=crops, device=ctx.device, channels_last=ctx.channels_last)
         coeff = dann_coefficient(step / max(spec.steps, 1), b.grl_alpha) if self.method == "dann" else 0.0
 
