@@ -1,5 +1,5 @@
 """How legible a run's synthetic targets T_f = G_ST(x^S) are: the share a judge network reads as their source label,
-split by background brightness (light: mean off-stroke luminance > 128, as in tf_polarity.py).
+split by background brightness (tf_polarity.py's light_background).
 
 The judge is the target network of a run trained with ground-truth T_f on the demo pair (see oracle_pairs.py; e.g.
 `daaa run ... --synthetic-target WORK/synthetic_target --synthetic-source RUN/translate/synthetic_source`), so it
@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
 
 from daaa import pipeline
 from daaa.config import config_from_dict
-from daaa.data.mnist import blend_mnistm, packaged_backgrounds
 from daaa.distributed import setup
 from daaa.evaluate import predict
-from oracle_pairs import PAIR_SEED
+from tf_polarity import ground_truth_tf, light_background
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -41,16 +39,12 @@ def main(judge_run: str, runs: list[str]) -> None:
     ctx = setup(cfg.runtime)
     source = data.source
     size = source.images.shape[-1]
-    stroke = source.images[:, 0] >= 128
-    truth = torch.from_numpy(blend_mnistm(source.images[:, 0].numpy(), packaged_backgrounds(),
-                                          np.random.default_rng(PAIR_SEED))).permute(0, 3, 1, 2)
-    named = [("ground truth", truth)] + [
+    named = [("ground truth", ground_truth_tf(source.images))] + [
         (run, _resize(torch.load(f"{run}/translate/translated.pt", weights_only=True)["synthetic_target"], size))
         for run in runs]
     for name, tf in named:
         right = predict(judge, tf, cfg.data, ctx).argmax(1) == source.labels
-        lum = tf.float().mean(1)
-        light = (lum * ~stroke).sum((1, 2)) / (~stroke).sum((1, 2)) > 128
+        light = light_background(tf, source.images)
         print(f"{name}: judge reads {right.float().mean():.3f} of T_f; "
               f"light background {right[light].float().mean():.3f}, dark {right[~light].float().mean():.3f}")
 

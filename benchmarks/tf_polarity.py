@@ -20,13 +20,28 @@ from daaa.data.mnist import blend_mnistm, packaged_backgrounds
 from oracle_pairs import PAIR_SEED
 
 
+def ground_truth_tf(source_images: torch.Tensor) -> torch.Tensor:
+    """The ideal T_f of the demo pair (oracle_pairs.py's blend of each source digit), uint8 (N, 3, H, W)."""
+    tf = blend_mnistm(source_images[:, 0].numpy(), packaged_backgrounds(), np.random.default_rng(PAIR_SEED))
+    return torch.from_numpy(tf).permute(0, 3, 1, 2)
+
+
+def _stroke_and_background(synthetic_target: torch.Tensor, source_images: torch.Tensor):
+    """Mean luminance of each T_f on its source digit's stroke and off it."""
+    lum = synthetic_target.float().mean(1)
+    stroke = source_images[:, 0] >= 128
+    return (lum * stroke).sum((1, 2)) / stroke.sum((1, 2)), (lum * ~stroke).sum((1, 2)) / (~stroke).sum((1, 2))
+
+
+def light_background(synthetic_target: torch.Tensor, source_images: torch.Tensor) -> torch.Tensor:
+    """Which T_f have a light background: mean off-stroke luminance > 128."""
+    return _stroke_and_background(synthetic_target, source_images)[1] > 128
+
+
 def polarity(synthetic_target: torch.Tensor, source_images: torch.Tensor) -> dict[str, float]:
     """Shares of T_f with a light background (mean off-stroke luminance > 128), with a digit darker than its
     background, and with a dark digit among the light-background ones."""
-    lum = synthetic_target.float().mean(1)
-    stroke = source_images[:, 0] >= 128
-    on = (lum * stroke).sum((1, 2)) / stroke.sum((1, 2))
-    off = (lum * ~stroke).sum((1, 2)) / (~stroke).sum((1, 2))
+    on, off = _stroke_and_background(synthetic_target, source_images)
     light, dark = off > 128, on < off
     return {"light_background": float(light.float().mean()), "dark_digit": float(dark.float().mean()),
             "dark_digit_on_light": float((dark & light).float().sum() / light.sum().clamp(min=1))}
@@ -39,8 +54,7 @@ def _show(name: str, stats: dict[str, float]) -> None:
 def main(args: list[str]) -> None:
     source = pipeline.load_data(load_config("digits-cpu"), "demo", None, None).source
     if args == ["--ground-truth"]:
-        tf = blend_mnistm(source.images[:, 0].numpy(), packaged_backgrounds(), np.random.default_rng(PAIR_SEED))
-        _show("ground truth", polarity(torch.from_numpy(tf).permute(0, 3, 1, 2), source.images))
+        _show("ground truth", polarity(ground_truth_tf(source.images), source.images))
         return
     for run in args:
         tf = torch.load(f"{run}/translate/translated.pt", weights_only=True)["synthetic_target"]
