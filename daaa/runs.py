@@ -88,6 +88,15 @@ def read_json(path: str | Path) -> Any:
         raise DaaaError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+def read_json_or(path: str | Path, default: Any = None) -> Any:
+    """The JSON in ``path``, or ``default`` when it is missing or unreadable: for reports and figures of run folders
+    that may be unfinished or made by an older version (a missing figure must not stop a report)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
 def prepare_run_dir(path: str | Path) -> Path:
     """Create the run folder or fail with one line if it cannot be written."""
     path = Path(path).expanduser()

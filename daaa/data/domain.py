@@ -64,6 +64,15 @@ class ImageTensors:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @property
+    def num_classes(self) -> int:
+        """Length of the class list, else one more than the largest label."""
+        if self.classes:
+            return len(self.classes)
+        if self.labels is None or len(self.labels) == 0:
+            raise ValueError(f"{self.name}: no class list and no labels: the number of classes is unknown")
+        return int(self.labels.max()) + 1
+
 
 def to_pil_mode(img: Image.Image, channels: int) -> Image.Image:
     """Grayscale, RGB, RGBA, palette and 16-bit images all become 'L' (channels=1) or 'RGB' (channels=3).
