@@ -59,8 +59,10 @@ import torch.nn as nn
 from daaa import distributed, pipeline
 from daaa.config import load_config
 from daaa.data import load_domain_tensors
+from daaa.data.domain import DomainData
 from daaa.data.transforms import prepare
 from daaa.evaluate import evaluate
+from daaa.stages import StageRunner
 
 
 class SkadaDigitCNN(nn.Module):
@@ -123,7 +125,7 @@ def daaa_source_only(cfg, data: dict, budget: int, ctx) -> dict:
     cfg.source.steps, cfg.source.batch_size = steps, cfg.adapt.batch_size
     cfg.source.eval_interval = cfg.source.checkpoint_interval = steps
     with tempfile.TemporaryDirectory(prefix="skada-compare-") as tmp:
-        model, result = pipeline.train_source(Path(tmp), cfg, data["run"], ctx)
+        model, result = pipeline.train_source(StageRunner(Path(tmp), ctx), cfg, data["run"])
     images = steps * cfg.adapt.batch_size
     return {"images_seen": images, "steps": steps, "seconds": result["seconds"],
             "images_per_second": images / result["seconds"],
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     src = load_domain_tensors("demo", "source", cfg.data)
     tgt = load_domain_tensors("demo", "target", cfg.data)
     test = load_domain_tensors("demo", "target_test", cfg.data)
-    run = pipeline.RunData(src, test, tgt)
+    run = DomainData(src, tgt, target_test=test)
     data = {"run": run, "xs": prepare(src.images, cfg.data).numpy(), "ys": src.labels.numpy(),
             "xt": prepare(tgt.images, cfg.data).numpy(), "xtest": prepare(test.images, cfg.data).numpy(),
             "ytest": test.labels.numpy()}

@@ -8,7 +8,7 @@ Exact command (repository root), e.g. against the commit before the step was opt
 The older package is copied to a temporary folder under the name ``daaa_before`` (its imports are relative), so both
 versions live in one process. Every round times ``--steps`` steps of: the source-only step (this checkout, the
 source spec on the same batch size), the old DAAA step, the new DAAA step, and the naive DAAA step
-(:func:`daaa.bench.naive_daaa_step`), on the same synthetic data of the preset's shape, each after an M_post sync
+(``tests/naive_step.py``: Eq. 12 re-derived with one forward per stream and per network), on the same synthetic data of the preset's shape, each after an M_post sync
 (EM active). Printed: median ms per step and the median over rounds of each step's time / the source-only step's.
 """
 
@@ -30,6 +30,9 @@ import torch
 from daaa import bench, distributed
 from daaa.config import load_config
 from daaa.runs import Stage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from naive_step import naive_daaa_step  # noqa: E402  (the reference step lives with the tests)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,14 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     spec = dataclasses.replace(cfg.adapt, steps=bench.NEVER, eval_interval=bench.NEVER, checkpoint_interval=bench.NEVER)
     net = bench._bench_model(cfg, data)
     d = data
-    before = old.DAAATrainer(spec, cfg.data, old.DomainData(d.source, d.target, d.synthetic_target, d.synthetic_source,
-                                                            d.target_test),
+    old_data = importlib.import_module("daaa_before.data.domain")
+    data_cls = getattr(old_data, "DomainData", None) or old.DomainData  # before 2026-11-29 it lived in adapt.py
+    before = old.DAAATrainer(spec, cfg.data, data_cls(d.source, d.target, d.synthetic_target, d.synthetic_source,
+                                                      d.target_test),
                              ctx, Stage(tmp, "before", {}), net, copy.deepcopy(net), cfg.runtime.seed, False)
     s0 = cfg.adapt.sync_interval
     fns = {"source_only": (src.step, 0), "daaa_before": (before.step, s0), "daaa_after": (new.step, s0)}
     if not args.no_naive:
         naive = bench.daaa_trainer(cfg, data, ctx, tmp, "naive")
-        fns["daaa_naive"] = (lambda s: bench.naive_daaa_step(naive, s), s0)
+        fns["daaa_naive"] = (lambda s: naive_daaa_step(naive, s), s0)
     counter = {n: v[1] for n, v in fns.items()}
 
     def run(name: str, m: int) -> float:

@@ -157,7 +157,7 @@ class AttentionAlignmentLoss(nn.Module):
                 per_pair = per_pair * weights
             total = per_pair.sum()
         else:
-            from .baselines import jmmd, mmd
+            from .baseline_losses import jmmd, mmd
 
             if weights is not None:  # distribution distances use the rows that take part only
                 keep = weights > 0

@@ -6,8 +6,6 @@ Measured, each with the real code path of a run:
   (:func:`daaa.pipeline.source_spec`), on a batch of ``adapt.batch_size`` images -- the same size as the mixed batch;
 * ``daaa``: one DAAA step (Eq. 12: L_CE + L_EM + beta * L_AT) on a mixed S | T_f | T | S_f batch, after an M_post
   sync so that EM is active;
-* ``daaa_naive``: the same losses computed the plain way (:func:`naive_daaa_step`: one forward per stream and per
-  network, the frozen source net's maps and M_post's posteriors recomputed every step) -- the comparison point;
 * ``cyclegan``: one CycleGAN training step (``cyclegan.batch_size`` source + as many target images);
 * ``translate``: G_ST over one batch of ``cyclegan.translate_batch_size`` images, no gradients;
 * ``evaluate``: :func:`daaa.evaluate.evaluate` over a test set of ``data.demo_target_test`` images.
@@ -39,135 +37,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
-from .attention import FeatureRecorder
-from .batches import STREAM_ORDER
 from .config import Config
-from .data.domain import ImageTensors
-from .data.transforms import prepare, train_crops
+from .data.domain import DomainData, ImageTensors
 from .distributed import Context
-from .em import confidence_mask, em_loss
-from .optim import set_lr
 from .runs import Stage, atomic_write_json
-from .trainers.adapt import DAAATrainer, DomainData
-from .trainers.loop import guard_finite
+from .trainers.adapt import DAAATrainer
 
-STAGES = ("source_only", "daaa", "daaa_naive", "cyclegan", "translate", "evaluate")
+STAGES = ("source_only", "daaa", "cyclegan", "translate", "evaluate")
 NEVER = 10 ** 9  # eval / checkpoint interval beyond any bench
-
-
-# ---------------------------------------------------------------------------------------------- the naive DAAA step
-def naive_daaa_losses(trainer: DAAATrainer, step: int) -> dict[str, torch.Tensor]:
-    """Eq. 12's terms for ``step``, computed the plain way: the comparison point of :meth:`DAAATrainer.step`.
-
-    One target-network forward per stream (S, T_f, T, S_f), one frozen-source-network forward per pair term of
-    Eq. 5 (x^S for the S and T_f rows, G_TS(x^T) for the S_f and paired T rows), and M_post's posteriors of the
-    batch's real target images recomputed by a forward (for T and again for S_f); nothing cached. Returns
-    ``loss`` (the scaled Eq. 12, with its graph), ``L_CE``, ``L_EM``, ``L_AT`` (sums over the batch) and ``kept``.
-    Reads the trainer's weights, sampler and M_post; changes nothing (no sync, no update).
-    """
-    spec, ctx, d, cfg = trainer.spec, trainer.ctx, trainer.data, trainer.data_cfg
-    batch = trainer.sampler.batch(step)
-    sl = batch.slices()
-    images = trainer._images(batch)  # only for the crops' shape: every stream is prepared on its own below
-    crops = train_crops(images, cfg, trainer.seed, step)
-
-    def prep(imgs: torch.Tensor, rows: slice | None, train: bool = True) -> torch.Tensor:
-        c = None if crops is None or rows is None else crops[rows]
-        return prepare(imgs, cfg, train=train, crops=c, device=ctx.device, channels_last=ctx.channels_last)
-
-    stream_images = {"S": d.source.images[batch.source_idx],
-                     "Tf": d.synthetic_target[batch.tf_idx] if len(batch.tf_idx) else None,
-                     "T": d.target.images[batch.target_idx] if len(batch.target_idx) else None,
-                     "Sf": d.synthetic_source[batch.sf_idx] if len(batch.sf_idx) else None}
-    at_on = trainer.source_net is not None
-    trainer.model.train()
-    logits: dict[str, torch.Tensor] = {}
-    maps: dict[str, list[torch.Tensor]] = {}
-    for s in STREAM_ORDER:  # four target-network forwards
-        if sl[s].stop == sl[s].start:
-            continue
-        with ctx.autocast():
-            logits[s] = trainer.model(prep(stream_images[s], sl[s])).float()
-        if at_on:
-            with torch.set_grad_enabled(spec.beta > 0):
-                maps[s] = trainer.alignment.maps(trainer.target_features.features)
-
-    dev = ctx.device
-    zero = torch.zeros((), device=dev)
-    loss_ce = zero
-    if "S" in logits:
-        loss_ce = loss_ce + F.cross_entropy(logits["S"], d.source.labels[batch.source_idx].to(dev), reduction="sum")
-    if "Tf" in logits:
-        loss_ce = loss_ce + F.cross_entropy(logits["Tf"], d.source.labels[batch.tf_idx].to(dev), reduction="sum")
-
-    loss_em, kept = zero, zero
-    if trainer.uses_em and ("T" in logits or "Sf" in logits):
-        p_t = trainer.posterior_net.threshold(spec.confidence_threshold, spec.initial_confidence_threshold)
-        p_t = p_t if spec.filtering else 0.0
-        for s, real_idx in (("T", batch.target_idx), ("Sf", batch.sf_idx)):
-            if s not in logits:
-                continue
-            if spec.async_posterior:  # M_post's forward on the real target images, every step
-                with ctx.autocast():
-                    post = trainer.posterior_net(prep(d.target.images[real_idx], None, train=False))
-            else:  # EM-A: the current network's prediction of the real target image, detached
-                post = F.softmax(logits["T"].detach(), dim=1)[: len(real_idx)]
-            keep = confidence_mask(post, p_t)
-            loss_em = loss_em + em_loss(logits[s], post, keep, reduction="sum")
-            kept = kept + keep.sum().float()
-
-    loss_at = zero
-    if at_on:
-        n_pair = batch.paired_target_rows()
-        t0 = sl["T"].start
-        # (anchor images through the source net, their crop rows, the target maps they pair with), Eq. 5's four terms
-        terms = [(d.source.images[batch.source_idx], sl["S"], maps.get("S")),
-                 (d.source.images[batch.tf_idx], sl["Tf"], maps.get("Tf")),
-                 (d.synthetic_source[batch.sf_idx], sl["Sf"], maps.get("Sf")),
-                 (d.synthetic_source[batch.target_idx[:n_pair]], slice(t0, t0 + n_pair),
-                  None if "T" not in maps else [m[:n_pair] for m in maps["T"]])]
-        anchor_maps: list[list[torch.Tensor]] = []
-        target_maps: list[list[torch.Tensor]] = []
-        for anchors, rows, tmaps in terms:
-            if rows.stop == rows.start or tmaps is None:
-                continue
-            with torch.no_grad(), FeatureRecorder(trainer.source_net, trainer.layers) as rec, ctx.autocast():
-                trainer.source_net(prep(anchors, rows))
-                anchor_maps.append(trainer.alignment.maps(rec.features))
-            target_maps.append(tmaps)
-        with torch.set_grad_enabled(spec.beta > 0):
-            loss_at = trainer.alignment.from_maps([torch.cat(m) for m in zip(*anchor_maps)],
-                                                  [torch.cat(m) for m in zip(*target_maps)])
-
-    scale = ctx.world_size / trainer.global_batch
-    loss = (loss_ce + loss_em + spec.beta * loss_at) * scale
-    return {"loss": loss, "L_CE": loss_ce, "L_EM": loss_em, "L_AT": loss_at, "kept": kept}
-
-
-def naive_daaa_step(trainer: DAAATrainer, step: int) -> dict[str, Any]:
-    """One optimisation step of Eq. 12 with :func:`naive_daaa_losses`; logs what :meth:`DAAATrainer.step` logs.
-
-    M_post is synced on the same schedule (its posteriors are not cached: each step recomputes them).
-    Single process only (no all-reduce of the logged sums).
-    """
-    spec = trainer.spec
-    if trainer.uses_em and trainer.posterior_net.due(step):
-        trainer.posterior_net.sync(trainer.net, step)
-    since_restart = step - trainer.posterior_net.last_sync_step if spec.restart_schedule else step
-    lr = set_lr(trainer.optimizer, spec.optim, since_restart)
-    t = naive_daaa_losses(trainer, step)
-    guard_finite(step, {k: t[k] for k in ("L_CE", "L_EM", "L_AT")}, trainer.stage)
-    trainer.optimizer.zero_grad(set_to_none=True)
-    t["loss"].backward()
-    trainer.optimizer.step()
-    n = trainer.sampler.counts
-    n_lab, n_unlab = n["S"] + n["Tf"], n["T"] + n["Sf"]
-    ce, em, at, kept = (float(t[k].detach()) for k in ("L_CE", "L_EM", "L_AT", "kept"))
-    return {"loss": (ce + em + spec.beta * at) / trainer.global_batch, "L_CE": ce / max(n_lab, 1),
-            "L_EM": em / max(n_unlab, 1), "L_AT": at / trainer.global_batch, "em_kept": kept,
-            "em_kept_fraction": kept / max(n_unlab, 1), "lr": lr, "syncs": trainer.posterior_net.syncs}
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -196,7 +74,7 @@ def _bench_model(cfg: Config, data: DomainData) -> torch.nn.Module:
     from .models import build_model
 
     torch.manual_seed(cfg.runtime.seed)
-    return build_model(cfg.model, len(data.source.classes), cfg.data.channels, cfg.data.image_size)
+    return build_model(cfg.model, data.num_classes, cfg.data.channels, cfg.data.image_size)
 
 
 def daaa_trainer(cfg: Config, data: DomainData, ctx: Context, folder: Path, name: str = "bench-daaa",
@@ -306,9 +184,9 @@ class _Bench:
 
 
 def _stages(cfg: Config, ctx: Context, folder: Path, stages: tuple[str, ...]) -> list[_Bench]:
-    from .cyclegan import CycleGAN
+    from .style_gst import build_cyclegan
     from .evaluate import evaluate
-    from .translate import _batch_indices, _translate_all, step_generator, to_model_range
+    from .translate import batch_indices, step_generator, to_model_range, translate_all
 
     data = synthetic_data(cfg, cfg.runtime.seed)
     out: list[_Bench] = []
@@ -329,19 +207,16 @@ def _stages(cfg: Config, ctx: Context, folder: Path, stages: tuple[str, ...]) ->
                                  DAAATrainer.step, 0))
     if "daaa" in stages:
         out.append(trainer_bench("daaa", daaa_trainer(cfg, data, ctx, folder), DAAATrainer.step, first_sync))
-    if "daaa_naive" in stages:
-        out.append(trainer_bench("daaa_naive", daaa_trainer(cfg, data, ctx, folder, "bench-naive"), naive_daaa_step,
-                                 first_sync))
     cg = None
     if "cyclegan" in stages or "translate" in stages:
-        cg = CycleGAN(cfg.cyclegan, cfg.data.channels, cfg.runtime.seed).to(ctx.device)
+        cg = build_cyclegan(cfg.cyclegan, cfg.data.channels, cfg.runtime.seed).to(ctx.device)
     if "cyclegan" in stages:
         c, count = cfg.cyclegan, [0]
 
         def cyclegan_step() -> int:
             gen = step_generator(cfg.runtime.seed, count[0])
-            i_s = _batch_indices(len(data.source), c.batch_size, gen)
-            i_t = _batch_indices(len(data.target), c.batch_size, gen)
+            i_s = batch_indices(len(data.source), c.batch_size, gen)
+            i_t = batch_indices(len(data.target), c.batch_size, gen)
             cg.training_step(to_model_range(data.source.images[i_s], c.image_size, ctx.device),
                              to_model_range(data.target.images[i_t], c.image_size, ctx.device))
             count[0] += 1
@@ -349,10 +224,11 @@ def _stages(cfg: Config, ctx: Context, folder: Path, stages: tuple[str, ...]) ->
         out.append(_Bench("cyclegan", cyclegan_step, 1))
     if "translate" in stages:
         batch = data.source.images[: cfg.cyclegan.translate_batch_size]
-        style = data.target.images[torch.arange(len(batch)) % len(data.target)] if cg.uses_style else None
+        donor_idx = cg.translation_donors(len(batch), len(data.target), cfg.runtime.seed)
+        donors = None if donor_idx is None else data.target.images[donor_idx]
 
         def translate() -> int:
-            _translate_all(cg.translate_st, batch, cfg.cyclegan.image_size, len(batch), ctx.device, style)
+            translate_all(cg.translate_st, batch, cfg.cyclegan.image_size, len(batch), ctx.device, donors)
             return len(batch)
         out.append(_Bench("translate", translate, 1))
     if "evaluate" in stages:
@@ -398,7 +274,7 @@ def run_bench(cfg: Config, ctx: Context, steps: int = 10, repeats: int = 5, warm
                 print(f"bench: round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
     ips = {k: 1.0 / statistics.median(v) for k, v in per_image.items()}
     ratios = {}
-    for num, den in (("daaa", "source_only"), ("daaa_naive", "source_only"), ("daaa_naive", "daaa")):
+    for num, den in (("daaa", "source_only"),):
         if num in per_image and den in per_image:
             ratios[f"{num}_over_{den}"] = statistics.median(a / b for a, b in zip(per_image[num], per_image[den]))
     return {
@@ -420,7 +296,7 @@ def run_bench(cfg: Config, ctx: Context, steps: int = 10, repeats: int = 5, warm
 
 
 UNITS = {"source_only": "S images, source-only step", "daaa": "mixed-batch images, DAAA step (Eq. 12)",
-         "daaa_naive": "mixed-batch images, naive DAAA step", "cyclegan": "S+T images, CycleGAN step",
+"cyclegan": "S+T images, CycleGAN step",
          "translate": "images through G_ST, no grad", "evaluate": "test images, evaluate()"}
 
 

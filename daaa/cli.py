@@ -47,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(Kang et al., ECCV 2018)")
     parser.add_argument("--version", action="version", version=f"daaa {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_pipeline_commands, _inspection_commands, _reproduce_command, _tool_commands):
+        add(sub)
+    return parser
 
+
+def _pipeline_commands(sub) -> None:
+    """The stages of a run and their compositions: train-source, translate, adapt, run, demo."""
     p = sub.add_parser("train-source", help="train the source network (source-only baseline)")
     _domains(p, target=False)
     _out(p)
@@ -58,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _out(p)
     _common(p)
 
-    for name, text in (("adapt", "translate if needed, train the source net, then the target net with Eq. 12"),
+    for name, text in (("adapt", "only the adapt stage (Eq. 12), on the translation and source network already in --out"),
                        ("run", "the whole pipeline: translate, source network, adapt, evaluate")):
         p = sub.add_parser(name, help=text)
         _domains(p)
@@ -71,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     _out(p, required=False, default="runs/demo")
     _common(p, preset="digits-cpu")
 
+
+def _inspection_commands(sub) -> None:
+    """Looking at finished runs: evaluate, report."""
     p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a trained network")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--stage", default="adapt", help="which stage's network (adapt, source, or a table row folder)")
@@ -79,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true")
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("report", help="one Markdown or HTML report of run folders: config, accuracies, seconds, "
+                       "figures, reproduce tables")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (of daaa run / demo / reproduce)")
+    p.add_argument("--out", help="FILE.md (relative image links) or FILE.html (self-contained); default: "
+                   "RUN/report.md for one run, ./report.md for several")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _tool_commands(sub) -> None:
+    """Data utilities and the benchmark."""
     p = sub.add_parser("data", help="data utilities: build MNIST-M, export the demo pair as folders")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("make-mnistm", help="build MNIST-M (public layout) from MNIST and a folder of photos")
@@ -91,13 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.add_argument("--debug", action="store_true")
 
-    p = sub.add_parser("report", help="one Markdown or HTML report of run folders: config, accuracies, seconds, "
-                       "figures, reproduce tables")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (of daaa run / demo / reproduce)")
-    p.add_argument("--out", help="FILE.md (relative image links) or FILE.html (self-contained); default: "
-                   "RUN/report.md for one run, ./report.md for several")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p = sub.add_parser("bench", help="images/s and peak memory of every stage on synthetic data of a preset's shape")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: the preset's runtime.device")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (units) per stage in each round (default 10)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds (default 5); medians are reported")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per stage first (default 3)")
+    p.add_argument("--stages", help="comma-separated subset of source_only,daaa,cyclegan,translate,evaluate")
+    _common(p, preset="digits-cpu")
 
+
+def _reproduce_command(sub) -> None:
     p = sub.add_parser("reproduce", help="every row of one of the paper's tables (or Fig. A1's sweeps) over seeds, "
                        "baselines and label-free model selection included; writes OUT/results.{md,csv,json}")
     p.add_argument("experiment", choices=["table1", "table2", "table3", "table4", "tableA1", "figA1"],
@@ -121,16 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field (repeatable); data.source_val_fraction is 0.1 unless set")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    p = sub.add_parser("bench", help="images/s and peak memory of every stage on synthetic data of a preset's shape")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: the preset's runtime.device")
-    p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (units) per stage in each round (default 10)")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds (default 5); medians are reported")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per stage first (default 3)")
-    p.add_argument("--stages", help="comma-separated subset of source_only,daaa,daaa_naive,cyclegan,translate,evaluate")
-    _common(p, preset="digits-cpu")
-    return parser
 
 
 def _config(args: argparse.Namespace):
@@ -173,63 +186,63 @@ def _check_shared(path: Path, wait_s: float = 30.0) -> None:
         time.sleep(0.5)
 
 
-def cmd_train_source(args: argparse.Namespace) -> int:
-    from . import pipeline
+def _runner(args: argparse.Namespace):
+    """The process, the run folder with its log and resolved config, and the runner of its stages."""
+    from .stages import StageRunner
 
     cfg = _config(args)
     run_dir, ctx = _start(args, cfg)
-    data = pipeline.load_data(cfg, args.source, None, args.target_test, ctx)
-    _, result = pipeline.train_source(run_dir, cfg, data, ctx, args.overwrite)
-    if ctx.is_main and "target_test_accuracy" in result:
-        print(f"source-only target-test accuracy: {result['target_test_accuracy'] * 100:.2f}%  (run folder: {run_dir})")
+    return cfg, StageRunner(run_dir, ctx, args.overwrite)
+
+
+def cmd_train_source(args: argparse.Namespace) -> int:
+    from . import pipeline
+
+    cfg, runner = _runner(args)
+    data = pipeline.load_data(cfg, args.source, None, args.target_test, runner.ctx)
+    _, result = pipeline.train_source(runner, cfg, data)
+    if runner.ctx.is_main and "target_test_accuracy" in result:
+        print(f"source-only target-test accuracy: {result['target_test_accuracy'] * 100:.2f}%  "
+              f"(run folder: {runner.run_dir})")
     return 0
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
     from . import pipeline
 
-    cfg = _config(args)
-    run_dir, ctx = _start(args, cfg)
-    if args.overwrite:
-        if ctx.is_main and (run_dir / "translate").exists():
-            import shutil
-            shutil.rmtree(run_dir / "translate")
-        ctx.barrier()
-    data = pipeline.load_data(cfg, args.source, args.target, args.target_test, ctx)
-    pipeline.translate(run_dir, cfg, data, ctx)
-    if ctx.is_main:
-        print(f"translated {len(data.source)} source and {len(data.target)} target images: {run_dir / 'translate'}")
+    cfg, runner = _runner(args)
+    data = pipeline.load_data(cfg, args.source, args.target, args.target_test, runner.ctx)
+    pipeline.translate(runner, cfg, data)
+    if runner.ctx.is_main:
+        print(f"translated {len(data.source)} source and {len(data.target)} target images: "
+              f"{runner.run_dir / 'translate'}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .experiments import run_pipeline
+    from .pipeline import run_pipeline
 
-    cfg = _config(args)
-    run_dir, ctx = _start(args, cfg)
-    metrics, _, _ = run_pipeline(run_dir, cfg, ctx, args.source, args.target, args.target_test,
-                           args.synthetic_target, args.synthetic_source, args.overwrite)
-    if ctx.is_main:
-        _print_summary(metrics, run_dir)
+    cfg, runner = _runner(args)
+    metrics, _, _ = run_pipeline(runner, cfg, args.source, args.target, args.target_test, args.synthetic_target,
+                                 args.synthetic_source, only_adapt=args.command == "adapt")
+    if runner.ctx.is_main:
+        _print_summary(metrics, runner.run_dir)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .experiments import run_demo
+    from .pipeline import run_demo
 
-    cfg = _config(args)
     args.command = "demo"
-    run_dir, ctx = _start(args, cfg)
-    table = run_demo(run_dir, cfg, ctx, args.overwrite)
-    if ctx.is_main:
+    cfg, runner = _runner(args)
+    table = run_demo(runner, cfg)
+    if runner.ctx.is_main:
         print(table)
-        print(f"run folder: {run_dir}")
+        print(f"run folder: {runner.run_dir}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
-
     from . import distributed
     from .config import config_from_dict
     from .data import load_domain_tensors
@@ -237,6 +250,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_report
     from .models import build_model
     from .runs import atomic_write_json, read_json, setup_logging
+    from .stages import load_weights
 
     import yaml
 
@@ -260,12 +274,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     classes = read_json(run / args.stage / "stage.json").get("result", {}).get("classes")
     if classes:
         check_same_classes(type("D", (), {"classes": classes, "name": "the trained network"})(), test)
-    model = build_model(cfg.model, len(test.classes), cfg.data.channels, cfg.data.image_size)
-    try:
-        model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
-    except Exception as e:  # truncated file, or a network of another shape than config.yaml describes
-        raise DaaaError(f"{model_path}: cannot be loaded as the network {run / 'config.yaml'} describes "
-                        f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
+    model = build_model(cfg.model, test.num_classes, cfg.data.channels, cfg.data.image_size)
+    load_weights(model, model_path)
     metrics = evaluate(model.to(ctx.device), test, cfg.data, ctx)
     print(format_report(metrics, title=f"{run}/{args.stage} on {test.name}: "))
     if args.json:

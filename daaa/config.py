@@ -95,7 +95,7 @@ class CycleGANConfig:
     lambda_cycle: float = 10.0
     lambda_identity: float = 0.5  # relative to lambda_cycle, as in the reference code; 0 disables
     # 0 = the paper's deterministic G_ST. k > 0 (an extension, off in the paper presets): G_ST also sees the k x k
-    # low-pass colour layout of a real target image, so T_f covers every kind of target background (see cyclegan.py)
+    # low-pass colour layout of a real target image, so T_f covers every kind of target background (see style_gst.py)
     style_grid: int = 0
     pool_size: int = 50
     lr: float = 2e-4
@@ -158,11 +158,11 @@ class BaselineConfig:
 
 @dataclass
 class SelectionConfig:
-    """Label-free model selection (daaa.validation): criteria computed at every evaluation when the source has a
+    """Label-free model selection (daaa.selection): criteria computed at every evaluation when the source has a
     held-out validation split (``data.source_val_fraction > 0``)."""
 
-    # iwcv (JAN's protocol) and dev: importance-weighted source-validation risk (lower is better); snd: soft
-    # neighbourhood density of target predictions (higher); source_val: plain source-validation accuracy (higher)
+    # every criterion is a score, higher is better: iwcv (JAN's protocol) and dev: minus the importance-weighted
+    # source-validation risk; snd: soft neighbourhood density of target predictions; source_val: plain accuracy
     criteria: list[str] = field(default_factory=lambda: ["iwcv", "dev", "snd", "source_val"])
     primary: str = "iwcv"  # the criterion of the "selected" column of `daaa reproduce` and of figA1's beta choice
     max_target_samples: int = 1000  # unlabelled target-train images the criteria look at (a fixed subset)
@@ -194,11 +194,6 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def section_dict(self, *names: str) -> dict[str, Any]:
-        """The named sections only: what decides whether a stage's cached result is still valid."""
-        full = self.to_dict()
-        return {n: full[n] for n in names}
 
 
 STREAMS = ("S", "Tf", "T", "Sf")

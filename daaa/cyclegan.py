@@ -6,35 +6,32 @@ Images fed to the networks are float tensors in [-1, 1] of shape (N, C, H, W); g
 Naming follows the paper: ``G_ST`` maps source S to target T and is judged by ``D_T``; ``G_TS`` maps back and is
 judged by ``D_S``.
 
-Style-conditioned G_ST (``cyclegan.style_grid = k > 0``; an extension, off in the paper's presets). A deterministic
-G_ST gives each source image exactly one translation, and a small one, trained briefly, settles on a few backgrounds:
-on the demo pair 0.65% of its T_f have a digit darker than its background against 32% of real MNIST-M-like images,
-so the target network never sees that part of the target (BENCHMARKS.md). With ``k > 0`` G_ST also receives
-:func:`style_field` of a real target image -- its k x k block means: the colour layout without the content -- which
-sets the scale and shift of each of G_ST's instance norms (:class:`StyleModulation`; as an extra input channel it
-would be erased by the first instance norm). In the cycle T -> S_f -> T the field is that of the image being
-reconstructed, exactly the information G_TS's source-style output lacks, so G_ST learns to use it; translating x^S
-then takes the field of a randomly drawn real target image, so T_f follows the target's distribution of backgrounds.
-G_TS, D_T, D_S and every loss term are unchanged.
+This module is the paper's CycleGAN only. The style-conditioned G_ST (``cyclegan.style_grid > 0``, an extension not
+in the paper) is :class:`daaa.style_gst.StyleCycleGAN`, a subclass overriding the G_ST hooks of :class:`CycleGAN`
+(:meth:`CycleGAN.g_st`, :meth:`CycleGAN.step_donors`, :meth:`CycleGAN.translation_donors`);
+:func:`daaa.style_gst.build_cyclegan` picks the class from the config.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CycleGANConfig, check_style_grid
+from .config import CycleGANConfig
 from .distributed import autocast
 from .errors import ConfigError, NonFiniteLossError
 
 
-def _norm(ch: int) -> nn.Module:
-    # the reference's "instance" norm: no affine parameters, no running statistics
+Norm = Callable[[int], nn.Module]  # channels -> a norm layer; the style extension passes a modulated one
+
+
+def instance_norm(ch: int) -> nn.Module:
+    """The reference's "instance" norm: no affine parameters, no running statistics."""
     return nn.InstanceNorm2d(ch, affine=False, track_running_stats=False)
 
 
@@ -47,86 +44,49 @@ def init_weights(net: nn.Module, gen: torch.Generator, gain: float = 0.02) -> No
                 nn.init.zeros_(m.bias)
 
 
-class StyleModulation(nn.Module):
-    """Instance norm whose scale and shift come from a style embedding, per pixel (SPADE, Park et al. 2019):
-    ``IN(x) * (1 + gamma(h)) + beta(h)``. A plain instance norm would subtract a uniform background colour fed as
-    input, which is exactly what the style field carries; modulating after the norm keeps it. gamma and beta start
-    near 0 (the reference init), so an untrained layer is a plain instance norm.
-
-    ``h`` is the embedding of the k x k layout: gamma and beta are computed at that coarse size and upsampled
-    bilinearly to ``x``, which costs almost nothing (computing them at full size cost more than G_ST itself)."""
-
-    def __init__(self, ch: int, style_hidden: int):
-        super().__init__()
-        self.norm = _norm(ch)
-        self.gamma_beta = nn.Conv2d(style_hidden, 2 * ch, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-        gamma_beta = self.gamma_beta(style)
-        if gamma_beta.shape[-2:] != x.shape[-2:]:
-            gamma_beta = F.interpolate(gamma_beta, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        gamma, beta = gamma_beta.chunk(2, dim=1)
-        return self.norm(x) * (1 + gamma) + beta
-
-
-def _run(layers: nn.Sequential, x: torch.Tensor, style: torch.Tensor | None) -> torch.Tensor:
-    """``layers`` in order, handing the style embedding to the layers that take one."""
-    for layer in layers:
-        x = layer(x, style) if isinstance(layer, (StyleModulation, ResnetBlock)) else layer(x)
-    return x
-
-
 class ResnetBlock(nn.Module):
-    def __init__(self, ch: int, norm: Any = None):
+    """Residual block of the generators of Eq. 1-3: x + (pad, conv 3x3, norm, ReLU, pad, conv 3x3, norm)(x)."""
+
+    def __init__(self, ch: int, norm: Norm = instance_norm):
         super().__init__()
-        norm = norm or _norm
         self.block = nn.Sequential(
             nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3, bias=True), norm(ch), nn.ReLU(True),
             nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3, bias=True), norm(ch))
 
-    def forward(self, x: torch.Tensor, style: torch.Tensor | None = None) -> torch.Tensor:
-        return x + _run(self.block, x, style)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+def resnet_layers(in_ch: int, out_ch: int, ngf: int, n_blocks: int, n_downsampling: int,
+                  norm: Norm = instance_norm, block: type[ResnetBlock] = ResnetBlock) -> nn.Sequential:
+    """The reference's ResNet generator body: 7x7 stem, ``n_downsampling`` stride-2 convs, ``n_blocks`` residual
+    blocks, as many transposed-conv upsamplings, 7x7 output conv + tanh. ``norm`` and ``block`` let the style
+    extension (:mod:`daaa.style_gst`) swap in modulated norms without another copy of this layout."""
+    # bias=True everywhere: instance norm has no affine shift, so the reference keeps conv biases
+    layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_ch, ngf, 7), norm(ngf), nn.ReLU(True)]
+    for i in range(n_downsampling):
+        c = ngf * 2 ** i
+        layers += [nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), norm(2 * c), nn.ReLU(True)]
+    c = ngf * 2 ** n_downsampling
+    layers += [block(c, norm) for _ in range(n_blocks)]
+    for i in range(n_downsampling):
+        c = ngf * 2 ** (n_downsampling - i)
+        layers += [nn.ConvTranspose2d(c, c // 2, 3, stride=2, padding=1, output_padding=1),
+                   norm(c // 2), nn.ReLU(True)]
+    layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_ch, 7), nn.Tanh()]
+    return nn.Sequential(*layers)
 
 
 class ResnetGenerator(nn.Module):
-    """G_ST or G_TS of Eq. 1-3: 7x7 stem, ``n_downsampling`` stride-2 convs, ``n_blocks`` residual blocks,
-    as many transposed-conv upsamplings, 7x7 output conv + tanh (output in [-1, 1]).
+    """G_ST or G_TS of Eq. 1-3 (:func:`resnet_layers`); output in [-1, 1]. The input side must be a multiple of
+    ``2 ** n_downsampling`` (see :func:`check_image_size`)."""
 
-    ``style_ch > 0`` makes it style-conditioned: ``forward(x, style)`` takes a (N, style_ch, k, k) layout
-    (:func:`style_field`), embeds it with a 3x3 conv + ReLU (``style_hidden`` channels) and every instance norm
-    becomes a :class:`StyleModulation` driven by that embedding. The input side must be a multiple of
-    ``2 ** n_downsampling`` (see :func:`check_image_size`).
-    """
-
-    def __init__(self, in_ch: int, out_ch: int, ngf: int = 64, n_blocks: int = 9, n_downsampling: int = 2,
-                 style_ch: int = 0, style_hidden: int = 32):
+    def __init__(self, in_ch: int, out_ch: int, ngf: int = 64, n_blocks: int = 9, n_downsampling: int = 2):
         super().__init__()
-        self.style_embed = (nn.Sequential(nn.Conv2d(style_ch, style_hidden, 3, padding=1), nn.ReLU(True))
-                            if style_ch else None)
+        self.model = resnet_layers(in_ch, out_ch, ngf, n_blocks, n_downsampling)
 
-        def norm(ch: int) -> nn.Module:
-            return StyleModulation(ch, style_hidden) if style_ch else _norm(ch)
-
-        # bias=True everywhere: instance norm has no affine shift, so the reference keeps conv biases
-        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_ch, ngf, 7), norm(ngf), nn.ReLU(True)]
-        for i in range(n_downsampling):
-            c = ngf * 2 ** i
-            layers += [nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), norm(2 * c), nn.ReLU(True)]
-        c = ngf * 2 ** n_downsampling
-        layers += [ResnetBlock(c, norm) for _ in range(n_blocks)]
-        for i in range(n_downsampling):
-            c = ngf * 2 ** (n_downsampling - i)
-            layers += [nn.ConvTranspose2d(c, c // 2, 3, stride=2, padding=1, output_padding=1),
-                       norm(c // 2), nn.ReLU(True)]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_ch, 7), nn.Tanh()]
-        self.model = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor, style: torch.Tensor | None = None) -> torch.Tensor:
-        if self.style_embed is None:
-            return self.model(x)
-        if style is None:
-            raise ValueError("this generator is style-conditioned: pass a style field")
-        return _run(self.model, x, self.style_embed(style))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
 
 
 class PatchDiscriminator(nn.Module):
@@ -138,21 +98,15 @@ class PatchDiscriminator(nn.Module):
         mult = 1
         for n in range(1, n_layers):
             prev, mult = mult, min(2 ** n, 8)
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=2, padding=1), _norm(ndf * mult),
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=2, padding=1), instance_norm(ndf * mult),
                        nn.LeakyReLU(0.2, True)]
         prev, mult = mult, min(2 ** n_layers, 8)
-        layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=1, padding=1), _norm(ndf * mult),
+        layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=1, padding=1), instance_norm(ndf * mult),
                    nn.LeakyReLU(0.2, True), nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1)]
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
-
-
-def style_field(images: torch.Tensor, grid: int) -> torch.Tensor:
-    """The ``grid`` x ``grid`` colour layout of ``images`` (N, C, H, W): block means (adaptive average pooling),
-    shape (N, C, grid, grid). Coarse enough to carry a background's colours but not a digit."""
-    return F.adaptive_avg_pool2d(images, grid)
 
 
 def check_image_size(size: int, n_downsampling: int, n_layers_d: int) -> None:
@@ -240,11 +194,15 @@ class CycleGAN(nn.Module):
     (Eq. 1 adversarial terms, Eq. 2 cycle term), plus the reference's optional identity term
     ``lambda_identity * lambda * (|G_ST(t) - t|_1 + |G_TS(s) - s|_1)``.
 
-    Call :meth:`to` to move it; :meth:`state_dict` (no arguments) covers networks, optimisers, schedulers, pools,
-    the fp16 loss scaler and the step count, so :meth:`load_state_dict` continues a run exactly.
+    Call :meth:`to` to move it. :meth:`state_dict` is the plain module state (the four networks, as the reference's
+    ``save_networks``); :meth:`training_state` adds optimisers, schedulers, pools, the fp16 loss scaler and the step
+    count, so :meth:`load_training_state` continues a run exactly.
 
     ``amp_dtype`` (``torch.bfloat16``/``torch.float16``; None = fp32) runs the forward passes under autocast, with
     loss scaling for fp16; ``channels_last`` stores weights and inputs in NHWC (faster convs on CUDA).
+
+    Hooks for the style extension (:class:`daaa.style_gst.StyleCycleGAN`): :meth:`make_g_st`, :meth:`g_st`,
+    :meth:`step_donors`, :meth:`translation_donors`. Here they are the paper's G_ST, which sees only its input.
     """
 
     def __init__(self, cfg: CycleGANConfig, channels: int, seed: int = 0, amp_dtype: torch.dtype | None = None,
@@ -253,11 +211,9 @@ class CycleGAN(nn.Module):
         self.cfg = cfg
         self.amp_dtype, self.channels_last = amp_dtype, channels_last
         gen = torch.Generator().manual_seed(seed)
-        check_style_grid(cfg)  # also for a CycleGANConfig built in code, which validate() never sees
         # fork the global RNG: module constructors draw from it before we overwrite every weight from `gen`
         with torch.random.fork_rng(devices=[]):
-            self.G_ST = ResnetGenerator(channels, channels, cfg.ngf, cfg.n_blocks, cfg.n_downsampling,
-                                        style_ch=channels if cfg.style_grid else 0)
+            self.G_ST = self.make_g_st(channels)
             self.G_TS = ResnetGenerator(channels, channels, cfg.ngf, cfg.n_blocks, cfg.n_downsampling)
             self.D_T = PatchDiscriminator(channels, cfg.ndf, cfg.n_layers_d)
             self.D_S = PatchDiscriminator(channels, cfg.ndf, cfg.n_layers_d)
@@ -274,9 +230,35 @@ class CycleGAN(nn.Module):
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, rule)
         self.pool_t = ImagePool(cfg.pool_size, seed + 1)  # fake target images for D_T
         self.pool_s = ImagePool(cfg.pool_size, seed + 2)  # fake source images for D_S
-        # one scaler for both optimisers (update() once per step); a pass-through unless fp16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
+        # one scaler for both optimisers (update() once per step), made at the first step for the inputs' device:
+        # the module is moved only after __init__
+        self.scaler: torch.amp.GradScaler | None = None
+        self._scaler_state: dict[str, Any] = {}
         self.step = 0
+
+    # ---- hooks: the paper's G_ST (Eq. 1-2); daaa.style_gst.StyleCycleGAN overrides them -------------------------
+
+    def make_g_st(self, channels: int) -> nn.Module:
+        """The network G_ST: the paper's ResNet generator."""
+        c = self.cfg
+        return ResnetGenerator(channels, channels, c.ngf, c.n_blocks, c.n_downsampling)
+
+    def g_st(self, x: torch.Tensor, donors: torch.Tensor | None) -> torch.Tensor:
+        """G_ST on a batch ``x`` in [-1, 1]. ``donors`` (real target images aligned with ``x``, or None) are what a
+        conditioned G_ST may read; the paper's G_ST maps ``x`` alone and ignores them."""
+        return self.G_ST(x)
+
+    def step_donors(self, real_t: torch.Tensor) -> torch.Tensor | None:
+        """The donors handed to G_ST with the source batch in a training step (the cycle T -> S_f -> T and the
+        identity term hand it ``real_t`` itself): none for the paper's G_ST."""
+        return None
+
+    def translation_donors(self, n_source: int, n_target: int, seed: int) -> torch.Tensor | None:
+        """For translating every source image: the index of the real target image handed to G_ST with each one.
+        None: the paper's T_f[i] = G_ST(S[i]) depends on S[i] alone."""
+        return None
+
+    # ---- training -------------------------------------------------------------------------------------------
 
     def _autocast(self, x: torch.Tensor):
         return autocast(x.device, self.amp_dtype)
@@ -284,22 +266,53 @@ class CycleGAN(nn.Module):
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    @property
-    def uses_style(self) -> bool:
-        return self.cfg.style_grid > 0
-
-    def _g_st(self, x: torch.Tensor, style_images: torch.Tensor | None) -> torch.Tensor:
-        """G_ST(x), or G_ST(x, style_field(style_images)) when style-conditioned."""
-        if not self.uses_style:
-            return self.G_ST(x)
-        if style_images is None or style_images.shape[0] != x.shape[0]:
-            raise ValueError("G_ST is style-conditioned (cyclegan.style_grid > 0): pass one real target image per "
-                             "input image as style_images")
-        return self.G_ST(x, self._input(style_field(style_images, self.cfg.style_grid)))
+    def _grad_scaler(self, device: torch.device) -> torch.amp.GradScaler:
+        """The loss scaler: a pass-through unless fp16; made on first use for ``device``'s type."""
+        if self.scaler is None:
+            self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
+            if self._scaler_state:
+                self.scaler.load_state_dict(self._scaler_state)
+        return self.scaler
 
     def _set_d_grad(self, flag: bool) -> None:
         for p in itertools.chain(self.D_T.parameters(), self.D_S.parameters()):
             p.requires_grad_(flag)
+
+    def _generator_losses(self, real_s: torch.Tensor, real_t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Eq. 3 + identity for one batch, with the fakes (``fake_t``, ``fake_s``) the discriminators then see."""
+        c = self.cfg
+        with self._autocast(real_s):
+            fake_t = self.g_st(real_s, self.step_donors(real_t))
+            fake_s = self.G_TS(real_t)
+            rec_s = self.G_TS(fake_t)
+            # the cycle T -> S_f -> T: a conditioned G_ST gets the very image it must reconstruct
+            rec_t = self.g_st(fake_s, real_t)
+            g_st = self.gan_loss(self.D_T(fake_t).float(), True)
+            g_ts = self.gan_loss(self.D_S(fake_s).float(), True)
+            cycle_s = F.l1_loss(rec_s.float(), real_s)
+            cycle_t = F.l1_loss(rec_t.float(), real_t)
+            total = g_st + g_ts + c.lambda_cycle * (cycle_s + cycle_t)
+            identity = torch.zeros((), device=real_s.device)
+            if c.lambda_identity > 0:
+                # G_ST should leave a real target image unchanged and G_TS a real source image (reference code)
+                identity = (F.l1_loss(self.g_st(real_t, real_t).float(), real_t)
+                            + F.l1_loss(self.G_TS(real_s).float(), real_s))
+                total = total + c.lambda_identity * c.lambda_cycle * identity
+        return {"g_st": g_st, "g_ts": g_ts, "cycle_s": cycle_s, "cycle_t": cycle_t, "identity": identity,
+                "g_total": total, "fake_t": fake_t, "fake_s": fake_s}
+
+    def _discriminator_losses(self, real_s: torch.Tensor, real_t: torch.Tensor, fake_t: torch.Tensor,
+                              fake_s: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Eq. 1 for D_T and D_S on real vs. pooled fake images, halved to slow D relative to G (reference)."""
+        pooled_t = self.pool_t.query(fake_t)
+        pooled_s = self.pool_s.query(fake_s)
+        with self._autocast(real_s):
+            d_t = 0.5 * (self.gan_loss(self.D_T(real_t).float(), True)
+                         + self.gan_loss(self.D_T(pooled_t).float(), False))
+            d_s = 0.5 * (self.gan_loss(self.D_S(real_s).float(), True)
+                         + self.gan_loss(self.D_S(pooled_s).float(), False))
+            d = d_t + d_s
+        return {"d_t": d_t, "d_s": d_s, "d": d}
 
     def training_step(self, real_s: torch.Tensor, real_t: torch.Tensor) -> dict[str, float]:
         """One generator update (Eq. 3 + identity) then one discriminator update (Eq. 1 for D_T and D_S, halved,
@@ -309,62 +322,45 @@ class CycleGAN(nn.Module):
         terms of Eq. 2) and their sum ``cycle``, ``identity``, ``g_total`` (the minimised weighted sum),
         ``d_t``/``d_s`` and their sum ``d``, and the ``lr`` used.
         """
-        c = self.cfg
         self.train()
         lr = self.opt_g.param_groups[0]["lr"]
+        scaler = self._grad_scaler(real_s.device)
         real_s, real_t = self._input(real_s), self._input(real_t)
         # generators: D frozen so its gradients are not accumulated by the generator loss
         self._set_d_grad(False)
         self.opt_g.zero_grad(set_to_none=True)
-        # style-conditioned: x^S is drawn in the layout of another real target image of the batch, and the cycle
-        # T -> S_f -> T gets the layout of the very image it must reconstruct
-        other_t = torch.roll(real_t, 1, 0) if self.uses_style else None
-        with self._autocast(real_s):
-            fake_t = self._g_st(real_s, other_t)
-            fake_s = self.G_TS(real_t)
-            rec_s = self.G_TS(fake_t)
-            rec_t = self._g_st(fake_s, real_t)
-            g_st = self.gan_loss(self.D_T(fake_t).float(), True)
-            g_ts = self.gan_loss(self.D_S(fake_s).float(), True)
-            cycle_s = F.l1_loss(rec_s.float(), real_s)
-            cycle_t = F.l1_loss(rec_t.float(), real_t)
-            total = g_st + g_ts + c.lambda_cycle * (cycle_s + cycle_t)
-            identity = torch.zeros((), device=real_s.device)
-            if c.lambda_identity > 0:
-                # G_ST should leave a real target image unchanged and G_TS a real source image (reference code)
-                identity = (F.l1_loss(self._g_st(real_t, real_t).float(), real_t)
-                            + F.l1_loss(self.G_TS(real_s).float(), real_s))
-                total = total + c.lambda_identity * c.lambda_cycle * identity
-        self.scaler.scale(total).backward()
-        self.scaler.step(self.opt_g)
-        # discriminators: Eq. 1 on real vs. pooled fake images, halved to slow D relative to G (reference)
+        g = self._generator_losses(real_s, real_t)
+        scaler.scale(g["g_total"]).backward()
+        scaler.step(self.opt_g)
         self._set_d_grad(True)
         self.opt_d.zero_grad(set_to_none=True)
-        pooled_t = self.pool_t.query(fake_t)
-        pooled_s = self.pool_s.query(fake_s)
-        with self._autocast(real_s):
-            d_t = 0.5 * (self.gan_loss(self.D_T(real_t).float(), True) + self.gan_loss(self.D_T(pooled_t).float(), False))
-            d_s = 0.5 * (self.gan_loss(self.D_S(real_s).float(), True) + self.gan_loss(self.D_S(pooled_s).float(), False))
-            d = d_t + d_s
-        self.scaler.scale(d).backward()
-        self.scaler.step(self.opt_d)
-        self.scaler.update()
-        vals = {"g_st": g_st, "g_ts": g_ts, "cycle_s": cycle_s, "cycle_t": cycle_t, "cycle": cycle_s + cycle_t,
-                "identity": identity, "g_total": total, "d_t": d_t, "d_s": d_s, "d": d}
-        # one device sync per step; a non-finite loss stops here, before any checkpoint can store the broken weights
-        out = dict(zip(vals, torch.stack([v.detach().float() for v in vals.values()]).tolist()))
-        bad = [k for k, v in out.items() if not math.isfinite(v)]
-        if bad:
-            raise NonFiniteLossError(f"cyclegan step {self.step + 1}: loss term {bad[0]} is {out[bad[0]]}"
-                                     f"{' (also ' + ', '.join(bad[1:]) + ')' if bad[1:] else ''}; "
-                                     "the last checkpoint is kept (try a lower cyclegan.lr)")
+        d = self._discriminator_losses(real_s, real_t, g.pop("fake_t"), g.pop("fake_s"))
+        scaler.scale(d["d"]).backward()
+        scaler.step(self.opt_d)
+        scaler.update()
+        out = self._finite_values(g, d)
         self.sched_g.step()
         self.sched_d.step()
         self.step += 1
         out["lr"] = lr
         return out
 
-    def _translate(self, fn: Any, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _finite_values(self, g: dict[str, torch.Tensor], d: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The step's loss terms as floats in the order of :meth:`training_step`'s doc, with one device sync; a
+        non-finite one stops here, before any checkpoint can store the broken weights."""
+        vals = {"g_st": g["g_st"], "g_ts": g["g_ts"], "cycle_s": g["cycle_s"], "cycle_t": g["cycle_t"],
+                "cycle": g["cycle_s"] + g["cycle_t"], "identity": g["identity"], "g_total": g["g_total"], **d}
+        out = dict(zip(vals, torch.stack([v.detach().float() for v in vals.values()]).tolist()))
+        bad = [k for k, v in out.items() if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLossError(f"cyclegan step {self.step + 1}: loss term {bad[0]} is {out[bad[0]]}"
+                                     f"{' (also ' + ', '.join(bad[1:]) + ')' if bad[1:] else ''}; "
+                                     "the last checkpoint is kept (try a lower cyclegan.lr)")
+        return out
+
+    # ---- translation ----------------------------------------------------------------------------------------
+
+    def _translate(self, fn: Callable[[torch.Tensor], torch.Tensor], net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         was_training = net.training
         net.eval()
         try:
@@ -373,30 +369,29 @@ class CycleGAN(nn.Module):
         finally:
             net.train(was_training)
 
-    def translate_st(self, x: torch.Tensor, style_images: torch.Tensor | None = None) -> torch.Tensor:
-        """G_ST(x): source images in [-1, 1] -> synthetic target images in [-1, 1] (no gradients). A
-        style-conditioned model (``cyclegan.style_grid > 0``) also needs ``style_images``: one real target image in
-        [-1, 1] per input image, whose colour layout the translation takes."""
-        return self._translate(lambda v: self._g_st(v, style_images), self.G_ST, x)
+    def translate_st(self, x: torch.Tensor, donors: torch.Tensor | None = None) -> torch.Tensor:
+        """G_ST(x): source images in [-1, 1] -> synthetic target images in [-1, 1] (no gradients). ``donors``: see
+        :meth:`g_st` (a style-conditioned G_ST needs one real target image in [-1, 1] per input image)."""
+        return self._translate(lambda v: self.g_st(v, donors), self.G_ST, x)
 
     def translate_ts(self, x: torch.Tensor) -> torch.Tensor:
         """G_TS(x): target images in [-1, 1] -> synthetic source images in [-1, 1] (no gradients)."""
         return self._translate(self.G_TS, self.G_TS, x)
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
-        """Everything needed to continue training exactly. With arguments (a parent module recursing) it behaves
-        like :meth:`nn.Module.state_dict`."""
-        if args or kwargs:
-            return super().state_dict(*args, **kwargs)
-        return {"nets": super().state_dict(), "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+    # ---- checkpoints: networks (state_dict) apart from the training state -----------------------------------
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything needed to continue training exactly: ``nets`` (:meth:`state_dict`), optimisers, schedulers,
+        image pools, the loss scaler and the step count. Tensors are shared with the live model, not copied."""
+        scaler = self.scaler.state_dict() if self.scaler is not None else self._scaler_state
+        return {"nets": self.state_dict(), "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                 "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
                 "pool_t": self.pool_t.state_dict(), "pool_s": self.pool_s.state_dict(), "step": self.step,
-                "scaler": self.scaler.state_dict()}
+                "scaler": scaler}
 
-    def load_state_dict(self, state: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
-        if "nets" not in state:  # a plain module state dict
-            return super().load_state_dict(state, strict, assign)
-        result = super().load_state_dict(state["nets"], strict, assign)
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`training_state` (as stored in a translate checkpoint), after :meth:`to`."""
+        self.load_state_dict(state["nets"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.sched_g.load_state_dict(state["sched_g"])
@@ -405,6 +400,5 @@ class CycleGAN(nn.Module):
         self.pool_t.load_state_dict(state["pool_t"], device)
         self.pool_s.load_state_dict(state["pool_s"], device)
         self.step = int(state["step"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        return result
+        # applied when the scaler is made (first step), for the device the inputs are on
+        self.scaler, self._scaler_state = None, state.get("scaler") or {}

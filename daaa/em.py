@@ -3,7 +3,8 @@
 * (E-step, Eq. 8-10) the posterior p(z | x^T) comes from a posterior network M_post, a copy of the target
   network synchronised every N steps: theta^post_t = theta_{floor(t/N) * N}  -- modification A;
 * samples whose max_z p(z | x^T) is below the threshold p_t are dropped                -- modification B;
-* the learning-rate schedule restarts after every sync (see :func:`daaa.optim.schedule_step`) -- modification C;
+* the learning-rate schedule restarts after every sync (:func:`daaa.optim.set_lr` with the steps since the last
+  sync, :meth:`daaa.trainers.adapt.DAAATrainer.steps_since_restart`) -- modification C;
 * (M-step, Eq. 11) L_EM = -sum_i sum_z p_post(z | x_i^T) log p_theta(z | x_i^T)
                           -sum_j sum_z p_post(z | x_j^T) log p_theta(z | G_TS(x_j^T)),
   i.e. a synthetic source image uses the posterior of its real target image.

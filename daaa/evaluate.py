@@ -1,13 +1,17 @@
-"""Evaluation: top-1 accuracy, per-class accuracy and the confusion matrix (sharded over DDP ranks, then summed)."""
+"""Evaluation: top-1 accuracy, per-class accuracy and the confusion matrix (sharded over DDP ranks, then summed);
+and what the figures of a run folder show of its saved networks (:func:`load_network`, :func:`confusion_matrix`,
+:func:`attention_maps_of`): :mod:`daaa.figures` only draws."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
-from .config import DataConfig
+from .config import Config, DataConfig
 from .data.domain import ImageTensors
 from .data.transforms import prepare
 from .distributed import Context
@@ -28,19 +32,61 @@ def predict(model: nn.Module, images: torch.Tensor, data_cfg: DataConfig, ctx: C
     return torch.cat(out) if out else torch.empty(0)
 
 
+def _confusion(model: nn.Module, data: ImageTensors, data_cfg: DataConfig, ctx: Context,
+               batch_size: int) -> torch.Tensor:
+    """(K, K) counts, rows true classes, columns predictions: each rank predicts its shard, then the sum."""
+    if data.labels is None:
+        raise ValueError(f"domain {data.name} has no labels to evaluate against")
+    k = data.num_classes
+    shard = torch.arange(ctx.rank, len(data), ctx.world_size)
+    pred = predict(model, data.images[shard], data_cfg, ctx, batch_size).argmax(dim=1)
+    confusion = torch.zeros(k, k, dtype=torch.long)
+    confusion.index_put_((data.labels[shard], pred), torch.ones_like(pred), accumulate=True)
+    return ctx.all_reduce_sum(confusion).cpu()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageTensors, data_cfg: DataConfig, ctx: Context,
              batch_size: int = 512) -> dict[str, Any]:
-    if data.labels is None:
-        raise ValueError(f"domain {data.name} has no labels to evaluate against")
-    num_classes = len(data.classes) if data.classes else int(data.labels.max()) + 1
-    shard = torch.arange(ctx.rank, len(data), ctx.world_size)
-    logits = predict(model, data.images[shard], data_cfg, ctx, batch_size)
-    pred = logits.argmax(dim=1)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    confusion.index_put_((data.labels[shard], pred), torch.ones_like(pred), accumulate=True)
-    confusion = ctx.all_reduce_sum(confusion).cpu()
-    return metrics_from_confusion(confusion, data.classes)
+    return metrics_from_confusion(_confusion(model, data, data_cfg, ctx, batch_size), data.classes)
+
+
+@torch.no_grad()
+def confusion_matrix(net: nn.Module, domain: ImageTensors, data_cfg: DataConfig, device: torch.device | str,
+                     batch_size: int = 512) -> torch.Tensor:
+    """The confusion matrix of ``net`` over all of a labelled ``domain``, in this process only (no DDP)."""
+    device = torch.device(device)
+    return _confusion(net.to(device), domain, data_cfg, Context(0, 1, device, None, False), batch_size)
+
+
+def load_network(cfg: Config, num_classes: int, path: str | Path) -> nn.Module:
+    """The network of ``cfg`` with the weights of a run's ``model.pt``, in eval mode on the CPU."""
+    from .models import build_model
+
+    # the weights come from the file: never fetch ImageNet weights nor initialise (ResNet-50: a second) just to
+    # overwrite them -- the network is built without storage and takes the file's tensors (memory-mapped)
+    with torch.device("meta"):
+        net = build_model(dataclasses.replace(cfg.model, pretrained="none"), num_classes, cfg.data.channels,
+                          cfg.data.image_size)
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True), assign=True)
+    if any(t.is_meta for t in (*net.parameters(), *net.buffers())):  # a tensor the file does not hold
+        raise ValueError(f"{path}: does not hold every tensor of the network")
+    return net.eval()
+
+
+@torch.no_grad()
+def attention_maps_of(net: nn.Module, images: torch.Tensor, layers: Sequence[str], data_cfg: DataConfig,
+                      device: torch.device | str, kind: str = "l2") -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The attention maps (Eq. 4, or ``kind``) of ``layers`` of ``net`` over uint8 ``images``, each (N, h, w) on the
+    CPU, and the predicted classes (N,)."""
+    from .attention import FeatureRecorder, attention_map
+
+    net = net.to(device).eval()
+    with FeatureRecorder(net, list(layers)) as rec:
+        pred = net(prepare(images, data_cfg, device=torch.device(device))).argmax(1).cpu()
+        # (N, h, w): a flat map of a non-square layer would be ambiguous
+        maps = [attention_map(f, kind).cpu().view(f.shape[0], *f.shape[-2:]) for f in rec.features]
+    return maps, pred
 
 
 def metrics_from_confusion(confusion: torch.Tensor, classes: list[str] | None) -> dict[str, Any]:

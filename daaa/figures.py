@@ -1,4 +1,9 @@
-"""Figures written into run folders (matplotlib, Agg backend: works without a display)."""
+"""The paper's figures drawn from arrays (matplotlib, Agg backend: works without a display).
+
+Every function here takes tensors, lists or dicts of numbers and a file name, and writes a PNG: nothing loads a
+network or reads a run folder. What the figures of a run show is computed by :mod:`daaa.evaluate` (attention maps,
+confusion matrices) and gathered from the folder by :mod:`daaa.run_figures`.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
+
+
+def _save(fig, path: str | Path, dpi: int = 100) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def _show(ax, img: torch.Tensor) -> None:
@@ -39,9 +52,7 @@ def plot_pairs(real_s: torch.Tensor, fake_t: torch.Tensor, real_t: torch.Tensor,
         for i in range(n):
             _show(axes[i, j], imgs[i])
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_curves(history: list[dict], keys: Sequence[str], path: str | Path, title: str) -> None:
@@ -60,14 +71,12 @@ def plot_curves(history: list[dict], keys: Sequence[str], path: str | Path, titl
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The paper's other figures: Fig. 1 (attention maps), Fig. 4 (training analysis), Fig. A1 (sweeps), a confusion matrix,
-# and the run-folder helpers that write them into RUN/figures/ at the end of `daaa run` / `daaa demo`.
+# The paper's other figures: Fig. 1 (attention maps), Fig. 4 (training analysis), Fig. A1 (sweeps), a confusion matrix.
+# daaa.run_figures writes them into RUN/figures/ under these names at the end of `daaa run` / `daaa demo`.
 
 FIGURE_FILES = {  # RUN/figures/<file>: caption (the order in which `daaa report` shows them)
     "fig1_attention.png": "Fig. 1: attention maps of the last aligned conv layer over target-test images",
@@ -76,16 +85,6 @@ FIGURE_FILES = {  # RUN/figures/<file>: caption (the order in which `daaa report
     "confusion.png": "Confusion matrices on target-test (rows: true class, columns: prediction)",
     "figA1_sweeps.png": "Fig. A1: accuracy vs p_t and vs beta",
 }
-# a network trained on labelled target data (the paper's Fig. 1 (c)), shown when a run folder holds one
-TARGET_SUPERVISED_STAGE = "target_supervised"
-
-
-def _save(fig, path: str | Path, dpi: int = 100) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
 
 
 def _spatial(maps: torch.Tensor) -> torch.Tensor:
@@ -109,6 +108,38 @@ def _layer_index(layer_names: Sequence[str], layer: str | int | None) -> int:
     return list(layer_names).index(layer)
 
 
+def _attention_cells(images: torch.Tensor, maps: list[torch.Tensor], side: int, overlay: bool) -> list[Any]:
+    """The columns of Fig. 1 as (N, side, side, 3) RGB arrays in [0, 1]: the input, then each map upsampled to the
+    image, scaled to [0, 1] per image and coloured (jet), over a dimmed grey copy of the input with ``overlay``."""
+    import torch.nn.functional as F
+    from matplotlib import colormaps
+
+    img = images.detach().cpu().float()
+    if img.shape[1] == 1:
+        img = img.expand(-1, 3, -1, -1)
+    img = F.interpolate(img, size=(side, side), mode="bilinear", align_corners=False).clamp(0, 255) / 255.0
+    grey = img.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
+    cells = [img.permute(0, 2, 3, 1).numpy()]
+    for m in maps:
+        up = F.interpolate(_spatial(m)[:len(img), None], size=(side, side), mode="bilinear", align_corners=False)[:, 0]
+        lo, hi = up.flatten(1).amin(1)[:, None, None], up.flatten(1).amax(1)[:, None, None]
+        heat = colormaps["jet"](((up - lo) / (hi - lo).clamp_min(1e-12)).numpy())[..., :3]
+        cells.append(0.5 * heat + 0.5 * 0.8 * grey if overlay else heat)
+    return cells
+
+
+def _mosaic(cells: list[Any], side: int, cw: int, rh: int) -> Any:
+    """One white image holding ``cells[j][i]`` at column j, row i, in cells of ``cw`` x ``rh`` pixels."""
+    import numpy as np
+
+    n = len(cells[0])
+    mosaic = np.ones((n * rh, len(cells) * cw, 3))
+    for j, col in enumerate(cells):
+        for i in range(n):
+            mosaic[i * rh:i * rh + side, j * cw:j * cw + side] = col[i]
+    return mosaic
+
+
 def plot_attention_maps(images: torch.Tensor, maps_by_model: dict[str, Sequence[torch.Tensor]],
                         layer_names: Sequence[str], path: str | Path, layer: str | int | None = None,
                         overlay: bool = True, labels: torch.Tensor | None = None,
@@ -117,7 +148,7 @@ def plot_attention_maps(images: torch.Tensor, maps_by_model: dict[str, Sequence[
     """The paper's Fig. 1: one row per (target) image; columns: the input, then each network's attention map.
 
     ``images`` uint8 (N, C, H, W); ``maps_by_model[name][l]`` the maps (N, h*w) (or (N, h, w)) of layer
-    ``layer_names[l]``, e.g. from :func:`daaa.attention.attention_map`. ``layer`` picks the layer shown (name or
+    ``layer_names[l]``, e.g. from :func:`daaa.evaluate.attention_maps_of`. ``layer`` picks the layer shown (name or
     index; default the last, as the paper shows the last conv layer). Each map is upsampled to the image size and
     scaled to [0, 1] per image; ``overlay`` draws it (jet colours) over a dimmed grey copy of the input, otherwise
     alone. With ``labels`` and ``predictions[name]`` (N,) each map is captioned with its network's prediction
@@ -125,36 +156,15 @@ def plot_attention_maps(images: torch.Tensor, maps_by_model: dict[str, Sequence[
 
     The grid is composed as one image (one matplotlib axes): fast even for many rows.
     """
-    import numpy as np
-    import torch.nn.functional as F
-    from matplotlib import colormaps
+    import textwrap
 
     li = _layer_index(layer_names, layer)
     names = list(maps_by_model)
     n, ncol = images.shape[0], 1 + len(names)
     side = max(int(images.shape[-1]), 96)  # small digits are enlarged for the eye
-    img = images.detach().cpu().float()
-    if img.shape[1] == 1:
-        img = img.expand(-1, 3, -1, -1)
-    img = F.interpolate(img, size=(side, side), mode="bilinear", align_corners=False).clamp(0, 255) / 255.0
-    grey = img.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
-    jet = colormaps["jet"]
-    cells = [img.permute(0, 2, 3, 1).numpy()]  # per column (N, side, side, 3) in [0, 1]
-    for name in names:
-        m = _spatial(maps_by_model[name][li])[:n]
-        up = F.interpolate(m[:, None], size=(side, side), mode="bilinear", align_corners=False)[:, 0]
-        lo, hi = up.flatten(1).amin(1)[:, None, None], up.flatten(1).amax(1)[:, None, None]
-        heat = jet(((up - lo) / (hi - lo).clamp_min(1e-12)).numpy())[..., :3]
-        cells.append(0.5 * heat + 0.5 * 0.8 * grey.permute(0, 2, 3, 1).numpy() if overlay else heat)
-    pad = 6
-    caption = 16 if predictions is not None and labels is not None else 0
+    cells = _attention_cells(images, [maps_by_model[k][li] for k in names], side, overlay)
+    pad, caption = 6, (16 if predictions is not None and labels is not None else 0)
     cw, rh = side + pad, side + pad + caption
-    mosaic = np.ones((n * rh, ncol * cw, 3))
-    for j, col in enumerate(cells):
-        for i in range(n):
-            mosaic[i * rh:i * rh + side, j * cw:j * cw + side] = col[i]
-    import textwrap
-
     col_titles = ["target image", *names]
     left = 34
     w_px = ncol * cw + left
@@ -163,7 +173,7 @@ def plot_attention_maps(images: torch.Tensor, maps_by_model: dict[str, Sequence[
     h_px = n * rh + top
     fig = plt.figure(figsize=(w_px / 100, h_px / 100))
     ax = fig.add_axes([left / w_px, 0, (ncol * cw) / w_px, (n * rh) / h_px])
-    ax.imshow(mosaic, interpolation="nearest")
+    ax.imshow(_mosaic(cells, side, cw, rh), interpolation="nearest")
     ax.set_axis_off()
     for j, name in enumerate(col_titles):
         ax.text(j * cw + side / 2, -3, name, ha="center", va="bottom", fontsize=7)
@@ -299,7 +309,8 @@ def _sweep_curves(spec: Any, param: str, criterion: str | None) -> tuple[list[Cu
 
 
 def sweeps_in(results: dict) -> dict[str, Any]:
-    """The sweeps ``plot_sweeps`` understands in ``results`` (top level or under "sweeps"): {"p_t": ..., "beta": ...}."""
+    """The sweeps ``plot_sweeps`` understands in ``results`` (top level or under "sweeps"): {"p_t": ..., "beta": ...}.
+    """
     pool = results.get("sweeps", results) if isinstance(results, dict) else {}
     found = {}
     for name, aliases in SWEEP_ALIASES.items():
@@ -320,6 +331,17 @@ def _references(ref: Any, default_label: str) -> dict[str, float]:
     if isinstance(ref, dict):  # {name: accuracy}, as `daaa reproduce` writes it
         return {str(k): float(v) for k, v in ref.items() if isinstance(v, (int, float))}
     return {}
+
+
+def _symlog_if_wide(ax, xs: list[float]) -> None:
+    """A symmetric-log x axis, ticked at the values, when they span 20x or more (e.g. beta in 0, 0.1, ..., 10)."""
+    positive = sorted({x for x in xs if x > 0})
+    if positive and positive[-1] / positive[0] >= 20:
+        ax.set_xscale("symlog", linthresh=positive[0], linscale=0.5)
+        ax.set_xlim(-0.3 * positive[0] if min(xs) <= 0 else positive[0] / 1.5, positive[-1] * 1.5)
+        ticks = sorted(set(xs))
+        ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+        ax.minorticks_off()
 
 
 def plot_sweeps(results: dict, path: str | Path, reference: float | dict | None = None,
@@ -361,13 +383,7 @@ def plot_sweeps(results: dict, path: str | Path, reference: float | dict | None 
         if chosen is not None:
             ax.axvline(chosen, color="green", linestyle=":",
                        label=f"selected without labels{f' ({criterion})' if criterion else ''}")
-        positive = sorted({x for x in xs if x > 0})
-        if positive and positive[-1] / positive[0] >= 20:  # e.g. beta in 0, 0.1, ..., 10
-            ax.set_xscale("symlog", linthresh=positive[0], linscale=0.5)
-            ax.set_xlim(-0.3 * positive[0] if min(xs) <= 0 else positive[0] / 1.5, positive[-1] * 1.5)
-            ticks = sorted(set(xs))
-            ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
-            ax.minorticks_off()
+        _symlog_if_wide(ax, xs)
         if not curves:
             ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel(labels[name])
@@ -417,223 +433,3 @@ def plot_confusion(confusion: Any, classes: Sequence[str] | None, path: str | Pa
     cax = fig.add_axes([1 - 0.75 / width, margin / side, 0.12 / width, 1 - (margin + 0.3) / side])
     fig.colorbar(im, cax=cax, label="row-normalised rate")
     return _save(fig, path)
-
-
-# ------------------------------------------------------------------------------------------------ run-folder helpers
-
-def read_history(path: str | Path) -> list[dict]:
-    """RUN/<stage>/history.jsonl as a list of per-step records ([] when missing)."""
-    import json
-
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _stage_result(run_dir: Path, stage: str) -> dict:
-    import json
-
-    p = run_dir / stage / "stage.json"
-    if not p.exists():
-        return {}
-    try:
-        return json.loads(p.read_text()).get("result", {}) or {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _pick_images(images, labels, n: int) -> torch.Tensor:
-    """n indices, one per class in turn (0, 1, 2, ...) when labelled, else the first n."""
-    if labels is None:
-        return torch.arange(min(n, images.shape[0]))
-    pools = {int(c): (labels == c).nonzero().flatten().tolist() for c in torch.unique(labels)}
-    picked, round_ = [], 0
-    while len(picked) < min(n, len(labels)):
-        for c in sorted(pools):
-            if round_ < len(pools[c]) and len(picked) < n:
-                picked.append(pools[c][round_])
-        round_ += 1
-    return torch.tensor(picked)
-
-
-def _load_net(cfg, num_classes: int, path: Path):
-    import dataclasses
-
-    from .models import build_model
-
-    # the weights come from the file: never fetch ImageNet weights nor initialise (ResNet-50: a second) just to
-    # overwrite them -- the network is built without storage and takes the file's tensors (memory-mapped)
-    with torch.device("meta"):
-        net = build_model(dataclasses.replace(cfg.model, pretrained="none"), num_classes, cfg.data.channels,
-                          cfg.data.image_size)
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True), assign=True)
-    if any(t.is_meta for t in (*net.parameters(), *net.buffers())):  # a tensor the file does not hold
-        raise ValueError(f"{path}: does not hold every tensor of the network")
-    return net.eval()
-
-
-def attention_networks(run_dir: str | Path) -> dict[str, Path]:
-    """The trained networks of a run folder that Fig. 1 shows, by column title (those that exist)."""
-    run_dir = Path(run_dir)
-    cols = {"source net\n(= target net\nbefore adaptation)": run_dir / "source" / "model.pt",
-            "target net trained\non labelled T": run_dir / TARGET_SUPERVISED_STAGE / "model.pt",
-            "adapted without\nL_AT": run_dir / "rows" / "ours-without-L_AT" / "model.pt",
-            "adapted target net\n(DAAA)": run_dir / "adapt" / "model.pt"}
-    if not cols["adapted target net\n(DAAA)"].exists():  # a `daaa reproduce` run folder: the "ours" row
-        cols["adapted target net\n(DAAA)"] = run_dir / "rows" / "ours" / "model.pt"
-    return {k: p for k, p in cols.items() if p.exists()}
-
-
-@torch.no_grad()
-def attention_figure(run_dir: str | Path, cfg, data, path: str | Path, n: int = 8, layer: str | int | None = None,
-                     device: torch.device | str = "cpu") -> Path:
-    """Fig. 1 of a run folder: maps of RUN/source/model.pt and RUN/adapt/model.pt (and, when present, of the no-L_AT
-    row and of a network trained on labelled target data in RUN/target_supervised) over ``n`` target-test images
-    (one per class; target training images when there is no test set). ``data`` is a
-    :class:`daaa.pipeline.RunData` (or anything with ``source``, ``target``, ``target_test`` ImageTensors)."""
-    from .attention import FeatureRecorder, attention_map
-    from .data.transforms import prepare
-    from .errors import DaaaError
-
-    run_dir = Path(run_dir)
-    nets = attention_networks(run_dir)
-    if not any("source" in k for k in nets) or not any("DAAA" in k for k in nets):
-        raise DaaaError(f"{run_dir}: Fig. 1 needs source/model.pt and adapt/model.pt (finished stages)")
-    domain = data.target_test if getattr(data, "target_test", None) is not None else data.target
-    if domain is None:
-        raise DaaaError("Fig. 1 needs target images (--target-test or --target)")
-    idx = _pick_images(domain.images, domain.labels, n)
-    images = domain.images[idx]
-    labels = domain.labels[idx] if domain.labels is not None else None
-    num_classes = len(data.source.classes) if data.source.classes else int(data.source.labels.max()) + 1
-    kind = cfg.adapt.attention if cfg.adapt.attention != "fm" else "l2"  # "fm" maps are not spatial
-    x = prepare(images, cfg.data).to(device)
-    maps, preds, layers = {}, {}, None
-    for name, p in nets.items():
-        net = _load_net(cfg, num_classes, p).to(device)
-        layers = list(net.aligned_layers)
-        with FeatureRecorder(net, layers) as rec:
-            preds[name] = net(x).argmax(1).cpu()
-            # (N, h, w): a flat map of a non-square layer would be ambiguous
-            maps[name] = [attention_map(f, kind).cpu().view(f.shape[0], *f.shape[-2:]) for f in rec.features]
-    if layer is None:  # the last aligned layer whose map has some resolution (small images: ResNet's last is 1x1)
-        sizes = [m.shape[1] * m.shape[2] for m in next(iter(maps.values()))]
-        layer = max((i for i, hw in enumerate(sizes) if hw >= 9), default=len(sizes) - 1)
-    return plot_attention_maps(images, maps, layers, path, layer=layer, labels=labels, predictions=preds,
-                               class_names=domain.classes,
-                               title=f"Fig. 1: attention ({kind}) of layer "
-                                     f"{layers[_layer_index(layers, layer)]} on {domain.name}")
-
-
-@torch.no_grad()
-def _confusion_of(net, domain, data_cfg, device, batch_size: int = 256) -> torch.Tensor:
-    from .data.transforms import prepare
-
-    k = len(domain.classes) if domain.classes else int(domain.labels.max()) + 1
-    net = net.to(device).eval()
-    conf = torch.zeros(k, k, dtype=torch.long)
-    for i in range(0, len(domain.images), batch_size):
-        pred = net(prepare(domain.images[i:i + batch_size], data_cfg).to(device)).argmax(1).cpu()
-        conf.index_put_((domain.labels[i:i + batch_size], pred), torch.ones_like(pred), accumulate=True)
-    return conf
-
-
-def _run_name(run_dir: Path) -> str:
-    """RUN's name; TASK/seedK for a `daaa reproduce` run folder."""
-    import re
-
-    return f"{run_dir.parent.name}/{run_dir.name}" if re.fullmatch(r"seed\d+", run_dir.name) else run_dir.name
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def make_run_figures(run_dir: str | Path, cfg=None, data=None, device: torch.device | str = "cpu",
-                     n_attention: int = 8, skip_existing: bool = False,
-                     out_dir: str | Path | None = None, only: Sequence[str] | None = None) -> dict[str, Path]:
-    """Write what a run folder supports of RUN/figures/{fig1_attention, fig3_pairs, fig4_training, confusion,
-    figA1_sweeps}.png and return them by file name. Fig. 1 and the source-only confusion need ``cfg`` and ``data``
-    (a :class:`daaa.pipeline.RunData`); the others are read from the folder. A figure that cannot be made is logged
-    and skipped: figures never fail a finished run; with ``skip_existing`` a file already there is kept.
-    ``out_dir`` writes elsewhere than RUN/figures; ``only`` limits to these file names. Call on rank 0 only."""
-    import logging
-    import shutil
-    import time
-
-    log = logging.getLogger("daaa")
-    run_dir = Path(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir / "figures"
-    written: dict[str, Path] = {}
-    metrics = _read_json(run_dir / "metrics.json")
-    t0 = time.perf_counter()
-
-    def fig3() -> Path | None:
-        src = run_dir / "translate" / "pairs.png"
-        if not src.exists():
-            return None
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, out / "fig3_pairs.png")
-        return out / "fig3_pairs.png"
-
-    def fig4() -> Path | None:
-        ours = "adapt" if (run_dir / "adapt" / "history.jsonl").exists() else "rows/ours"  # reproduce: rows/ours
-        hists = {"ours (beta > 0)" if _stage_result(run_dir, ours).get("beta", 1) else "ours":
-                 read_history(run_dir / ours / "history.jsonl"),
-                 "ours without L_AT (beta = 0)": read_history(run_dir / "rows" / "ours-without-L_AT" / "history.jsonl")}
-        hists = {k: v for k, v in hists.items() if v}
-        if not hists:
-            return None
-        src_acc = _stage_result(run_dir, "source").get("target_test_accuracy",
-                                                       metrics.get("source_only", {}).get("target_test_accuracy"))
-        refs = {"source only": src_acc} if src_acc is not None else None
-        return plot_training_analysis(hists, out / "fig4_training.png", refs, title=f"training analysis: {_run_name(run_dir)}")
-
-    def confusion() -> Path | None:
-        mats: dict[str, Any] = {}
-        test = getattr(data, "target_test", None)
-        usable = cfg is not None and test is not None and test.labels is not None
-        classes = test.classes if usable else None
-        for name, stage, key in (("source only", "source", "source_only"), ("DAAA", "adapt", "daaa")):
-            saved = (metrics.get(key) or {}).get("target_test")
-            if isinstance(saved, dict) and saved.get("confusion_matrix"):
-                mats[name] = saved["confusion_matrix"]  # the run's own evaluation of the whole test set
-                classes = classes or saved.get("classes")
-            elif usable and (run_dir / stage / "model.pt").exists():
-                k = len(data.source.classes) if data.source.classes else int(data.source.labels.max()) + 1
-                mats[name] = _confusion_of(_load_net(cfg, k, run_dir / stage / "model.pt"), test, cfg.data, device)
-        if not mats:
-            return None
-        return plot_confusion(mats, classes, out / "confusion.png")
-
-    def fig1() -> Path | None:
-        if cfg is None or data is None:
-            return None
-        return attention_figure(run_dir, cfg, data, out / "fig1_attention.png", n=n_attention, device=device)
-
-    def figA1() -> Path | None:
-        results = _read_json(run_dir / "results.json")
-        if not sweeps_in(results):
-            return None
-        return plot_sweeps(results, out / "figA1_sweeps.png")
-
-    for name, make in (("fig1_attention.png", fig1), ("fig3_pairs.png", fig3), ("fig4_training.png", fig4),
-                       ("confusion.png", confusion), ("figA1_sweeps.png", figA1)):
-        if (skip_existing and (out / name).exists()) or (only is not None and name not in only):
-            continue
-        try:
-            p = make()
-        except Exception as e:  # noqa: BLE001 -- a figure must never fail a finished run
-            log.warning("figure %s not written: %s: %s", name, type(e).__name__, e)
-            continue
-        if p is not None:
-            written[name] = p
-    if written:
-        log.info("figures: %s in %s (%.1f s)", ", ".join(written), out, time.perf_counter() - t0)
-    return written

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from .config import ModelConfig
 from .errors import DaaaError
+from .runs import load_torch_file
 
 LOG = logging.getLogger("daaa")
 
@@ -121,10 +122,7 @@ def _load_resnet_weights(net: nn.Module, pretrained: str) -> None:
     path = Path(pretrained).expanduser()
     if not path.is_file():
         raise DaaaError(f"option model.pretrained: {path} is not a file (expected imagenet, none or a state-dict path)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DaaaError(f"option model.pretrained: {path} is not a readable state dict ({type(e).__name__})") from None
+    state = load_torch_file(path, " (option model.pretrained: expected a state-dict file)")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = net.load_state_dict(state, strict=False)
@@ -143,10 +141,3 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size
         return ResNet50(num_classes, cfg.pretrained)
     raise DaaaError(f"option model.arch: unknown architecture {cfg.arch!r}")
 
-
-def named_layers(model: nn.Module, names: list[str]) -> list[nn.Module]:
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise DaaaError(f"model has no layer(s) {missing}")
-    return [modules[n] for n in names]

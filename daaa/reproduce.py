@@ -11,9 +11,12 @@ and one source network per (task, seed), shared by every row, each row a stage `
 :mod:`daaa.pipeline`), so re-running the command reuses finished rows and resumes unfinished ones, and experiments
 given the same ``--runs`` share translations, source networks and identical rows. Seeds are
 ``runtime.seed + k`` for k < ``--seeds``. The source domain is split (``data.source_val_fraction``, 0.1 unless
-set) into training images and a held-out validation split for the label-free criteria of :mod:`daaa.validation`.
+set) into training images and a held-out validation split for the label-free criteria of :mod:`daaa.selection`.
 
-Outputs in ``--out``: ``results.md`` (tables in %), ``results.csv`` (long format) and ``results.json``:
+The paper's numbers are data: ``daaa/paper_results.yaml`` (:data:`PAPER`), shipped with the package.
+
+Outputs in ``--out``: ``results.md`` (tables in %), ``results.csv`` (long format) -- both rendered by
+:mod:`daaa.report` -- and ``results.json``:
 
 .. code-block:: text
 
@@ -21,7 +24,7 @@ Outputs in ``--out``: ``results.md`` (tables in %), ``results.csv`` (long format
       "schema": "daaa.reproduce/1",
       "experiment": "table1", "title": str, "preset": str, "overrides": [str],
       "seeds": [int], "tasks": [task id], "task_labels": {task id: "A→W"},
-      "criteria": [str], "primary_criterion": str,          # label-free criteria (daaa.validation.DIRECTIONS)
+      "criteria": [str], "primary_criterion": str,          # label-free criteria (daaa.selection.CRITERIA)
       "data": {task id: {"source", "target", "target_test": spec, "description": str,
                          "n_source", "n_source_val", "n_target", "n_target_test": int}},
       "rows": [{
@@ -55,22 +58,23 @@ Accuracy ``values`` lists are aligned with ``seeds``; a missing value is null.
 from __future__ import annotations
 
 import copy
-import csv
 import datetime as _dt
-import io
+import functools
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import yaml
+
+from . import report
 from .config import Config
 from .distributed import Context
 from .errors import DaaaError
 from .runs import atomic_write_json, atomic_write_text, prepare_run_dir, read_json, save_config
-from .validation import mean_std, pick
+from .selection import mean_std, pick
 
 LOG = logging.getLogger("daaa")
 
@@ -157,8 +161,8 @@ def task_data(task: Task, cfg: Config, digits_data: str = "auto") -> dict[str, s
 
 @dataclass(frozen=True)
 class Row:
-    """One table row: ``variant`` is ``"S"`` (the source network), a name of :data:`daaa.experiments.VARIANTS` or
-    :data:`daaa.experiments.BASELINE_VARIANTS`; ``changes`` are extra AdaptConfig (BaselineConfig) field values."""
+    """One table row: ``variant`` is ``"S"`` (the source network), a name of :data:`daaa.pipeline.VARIANTS` or
+    :data:`daaa.pipeline.BASELINE_VARIANTS`; ``changes`` are extra AdaptConfig (BaselineConfig) field values."""
 
     key: str
     label: str
@@ -170,91 +174,49 @@ class Row:
 
     @property
     def kind(self) -> str:
-        from .experiments import BASELINE_VARIANTS
+        from .pipeline import BASELINE_VARIANTS
 
         return "source" if self.variant == "S" else "baseline" if self.variant in BASELINE_VARIANTS else "variant"
 
 
-def _p(tasks: Sequence[str], text: str) -> tuple[dict[str, Any], dict[str, float]]:
-    """Paper cells ``"68.4±0.2 96.7±0.1 ..."`` (percent; ``-`` none; ``low`` = "very low") for ``tasks``."""
-    means, stds = {}, {}
-    for t, cell in zip(tasks, text.split(), strict=True):
-        if cell == "-":
-            continue
-        if cell == "low":
-            means[t] = VERY_LOW
-            continue
-        m, _, s = cell.partition("±")
-        means[t] = float(m)
-        if s:
-            stds[t] = float(s)
-    return means, stds
+ALL_DATA = "S+T_f+T+S_f"
+#: what each row key trains: (train data, variant, extra AdaptConfig / BaselineConfig values)
+ROW_TRAINING: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "S": ("S", "S", {}), "Tf": ("T_f", "Tf", {}), "S+Tf": ("S+T_f", "S+Tf", {}),
+    "S+Tf+L_AT": ("S+T_f", "S+Tf+L_AT", {}), "Tf+T": ("T_f+T", "Tf+T", {}), "Tf+T+L_AT": ("T_f+T", "Tf+T+L_AT", {}),
+    **{k: ("S+T", k, {}) for k in ("DAN", "DANN", "JAN")},
+    **{k: (ALL_DATA, k, {}) for k in ("ours", "ours-without-L_AT", "EM-A", "EM-A+L_AT", "EM-B", "EM-B+L_AT", "EM-C",
+                                      "EM-C+L_AT")},
+    **{f"disc-{d}": (ALL_DATA, "ours", {"discrepancy": d}) for d in ("l1", "mmd", "jmmd")},
+    **{f"att-{a}": (ALL_DATA, "ours", {"attention": a}) for a in ("l1", "linf", "fm")},
+}
+# the paper's numbers are data, shipped with the package (and checked against the paper's text by the tests)
+PAPER_RESULTS = Path(__file__).parent / "paper_results.yaml"
+PAPER: dict[str, Any] = yaml.safe_load(PAPER_RESULTS.read_text(encoding="utf-8"))
 
 
-def _row(key: str, label: str, train_data: str, variant: str, tasks: Sequence[str], paper: str,
-         **changes: Any) -> Row:
-    means, stds = _p(tasks, paper)
-    return Row(key, label, train_data, variant, dict(changes), means, stds)
+def _row(key: str, label: str, paper: dict[str, Any] | None = None, paper_std: dict[str, float] | None = None) -> Row:
+    train_data, variant, changes = ROW_TRAINING[key]
+    return Row(key, label, train_data, variant, dict(changes), paper or {}, paper_std or {})
 
 
-ONE = ["M-MM"]
-SIX, FOUR = OFFICE_SIX, OFFICE_FOUR
+def paper_rows(experiment: str) -> list[Row]:
+    """The rows of one of the paper's tables with its numbers (percent) from :data:`PAPER_RESULTS`."""
+    table = PAPER[experiment]
+    tasks = table["tasks"]
+    rows = []
+    for key, spec in table["rows"].items():
+        means = zip(tasks, spec["mean"], strict=True)
+        stds = zip(tasks, spec.get("std") or [None] * len(tasks), strict=True)
+        rows.append(_row(key, spec["label"], {t: m if m == VERY_LOW else float(m) for t, m in means if m is not None},
+                         {t: float(s) for t, s in stds if s is not None}))
+    return rows
 
-TABLE1_ROWS = [
-    _row("S", "CNN (source only)", "S", "S", ONE, "45.6"),
-    _row("Tf", "CNN", "T_f", "Tf", ONE, "75.0"),
-    _row("S+Tf", "CNN", "S+T_f", "S+Tf", ONE, "78.5"),
-    _row("S+Tf+L_AT", "CNN + L_AT", "S+T_f", "S+Tf+L_AT", ONE, "85.7"),
-    _row("ours-without-L_AT", "Ours (wo L_AT)", "S+T_f+T+S_f", "ours-without-L_AT", ONE, "93.5"),
-    _row("ours", "Ours (w L_AT)", "S+T_f+T+S_f", "ours", ONE, "95.6"),
-    _row("DANN", "RevGrad / DANN (ours)", "S+T", "DANN", ONE, "81.5"),
-    _row("JAN", "JAN (ours)", "S+T", "JAN", ONE, "-"),
-]
-TABLE2_ROWS = [
-    _row("S", "ResNet-50 (source only)", "S", "S", SIX, "68.4±0.2 96.7±0.1 99.3±0.1 68.9±0.2 62.5±0.3 60.7±0.3"),
-    _row("DANN", "RevGrad / DANN (ours)", "S+T", "DANN", SIX, "82.0±0.4 96.9±0.2 99.1±0.1 79.7±0.4 68.2±0.4 67.4±0.5"),
-    _row("JAN", "JAN (ours)", "S+T", "JAN", SIX, "85.4±0.3 97.4±0.2 99.8±0.2 84.7±0.3 68.6±0.3 70.0±0.4"),
-    _row("Tf", "ResNet-50", "T_f", "Tf", SIX, "81.1±0.2 98.5±0.2 99.8±0.0 83.3±0.3 61.0±0.2 60.2±0.3"),
-    _row("S+Tf", "ResNet-50", "S+T_f", "S+Tf", SIX, "81.9±0.2 98.5±0.2 99.8±0.0 83.7±0.3 66.5±0.2 64.8±0.3"),
-    _row("Tf+T", "Ours (wo L_AT)", "T_f+T", "Tf+T", SIX, "86.2±0.2 99.3±0.1 100±0.0 86.5±0.6 69.9±0.6 70.2±0.2"),
-    _row("Tf+T+L_AT", "Ours (w L_AT)", "T_f+T", "Tf+T+L_AT", SIX, "86.8±0.2 99.3±0.1 100±0.0 87.2±0.5 71.7±0.5 71.8±0.1"),
-    _row("ours-without-L_AT", "Ours (wo L_AT)", "S+T_f+T+S_f", "ours-without-L_AT", SIX,
-         "87.1±0.3 99.3±0.1 100±0.0 87.1±0.2 72.3±0.2 72.2±0.2"),
-    _row("ours", "Ours (w L_AT)", "S+T_f+T+S_f", "ours", SIX, "86.8±0.2 99.3±0.1 100±0.0 88.8±0.4 74.3±0.2 73.9±0.2"),
-]
-TABLE3_ROWS = [
-    _row("S", "ResNet-50 (source only)", "S", "S", FOUR, "68.4±0.2 68.9±0.2 62.5±0.3 60.7±0.3"),
-    _row("EM-A", "EM-A", "S+T_f+T+S_f", "EM-A", FOUR, "68.6±0.3 73.5±0.3 62.7±0.3 52.8±0.3"),
-    _row("EM-A+L_AT", "EM-A + L_AT", "S+T_f+T+S_f", "EM-A+L_AT", FOUR, "80.4±0.2 79.1±0.2 66.4±0.2 58.4±0.2"),
-    _row("EM-C", "EM-C", "S+T_f+T+S_f", "EM-C", FOUR, "86.4±0.3 87.0±0.3 69.5±0.3 71.4±0.3"),
-    _row("EM-C+L_AT", "EM-C + L_AT", "S+T_f+T+S_f", "EM-C+L_AT", FOUR, "86.2±0.2 86.6±0.3 71.8±0.3 73.7±0.2"),
-    _row("EM-B", "EM-B", "S+T_f+T+S_f", "EM-B", FOUR, "low low low low"),
-    _row("EM-B+L_AT", "EM-B + L_AT", "S+T_f+T+S_f", "EM-B+L_AT", FOUR, "low low low low"),
-    _row("ours-without-L_AT", "Ours (wo L_AT)", "S+T_f+T+S_f", "ours-without-L_AT", FOUR,
-         "87.1±0.3 87.1±0.2 72.3±0.2 72.2±0.2"),
-    _row("ours", "Ours (w L_AT)", "S+T_f+T+S_f", "ours", FOUR, "86.8±0.2 88.8±0.4 74.3±0.2 73.9±0.2"),
-]
-TABLE4_ROWS = [
-    _row("disc-l1", "L1-norm", "S+T_f+T+S_f", "ours", FOUR, "low low low low", discrepancy="l1"),
-    _row("disc-mmd", "MMD", "S+T_f+T+S_f", "ours", FOUR, "84.7 84.1 66.2 64.5", discrepancy="mmd"),
-    _row("disc-jmmd", "JMMD", "S+T_f+T+S_f", "ours", FOUR, "85.9 85.3 70.1 71.1", discrepancy="jmmd"),
-    _row("ours", "Ours (L2)", "S+T_f+T+S_f", "ours", FOUR, "86.8 88.8 74.3 73.9"),
-]
-TABLEA1_ROWS = [
-    _row("att-l1", "L1", "S+T_f+T+S_f", "ours", FOUR, "85.2 87.8 73.3 73.0", attention="l1"),
-    _row("att-linf", "L∞", "S+T_f+T+S_f", "ours", FOUR, "86.4 87.2 73.1 73.2", attention="linf"),
-    _row("att-fm", "FM", "S+T_f+T+S_f", "ours", FOUR, "86.0 87.6 73.2 72.9", attention="fm"),
-    _row("ours", "Ours (attention)", "S+T_f+T+S_f", "ours", FOUR, "86.8 88.8 74.3 73.9"),
-]
+
 #: extra rows any experiment accepts by name in --rows (not in a paper table)
-EXTRA_ROWS = {r.key: r for r in [
-    _row("DAN", "DAN (ours)", "S+T", "DAN", [], ""),
-    _row("DANN", "RevGrad / DANN (ours)", "S+T", "DANN", [], ""),
-    _row("JAN", "JAN (ours)", "S+T", "JAN", [], ""),
-    _row("S", "source only", "S", "S", [], ""),
-    _row("ours", "Ours (w L_AT)", "S+T_f+T+S_f", "ours", [], ""),
-    _row("ours-without-L_AT", "Ours (wo L_AT)", "S+T_f+T+S_f", "ours-without-L_AT", [], ""),
-]}
+EXTRA_ROWS = {k: _row(k, label) for k, label in {
+    "DAN": "DAN (ours)", "DANN": "RevGrad / DANN (ours)", "JAN": "JAN (ours)", "S": "source only",
+    "ours": "Ours (w L_AT)", "ours-without-L_AT": "Ours (wo L_AT)"}.items()}
 
 DEFAULT_PT_VALUES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
 DEFAULT_BETA_VALUES = [0.0, 0.1, 0.3, 1.0, 3.0, 10.0]
@@ -275,25 +237,15 @@ class Experiment:
         return "digits" if self.kind == "digits" else "office31"
 
 
-EXPERIMENTS: dict[str, Experiment] = {
-    "table1": Experiment("table1", "Table 1: MNIST → MNIST-M", "digits", ONE, TABLE1_ROWS,
-                         "RevGrad's paper value is Ganin & Lempitsky's; the DANN and JAN rows are our runs of those "
-                         "methods under the rows' settings (the paper has no JAN row here)."),
-    "table2": Experiment("table2", "Table 2: Office-31 (ResNet-50)", "office31", SIX, TABLE2_ROWS,
-                         "RevGrad and JAN paper values are from the JAN paper; our rows run them under the same "
-                         "settings as ours."),
-    "table3": Experiment("table3", "Table 3: variants of the EM algorithm, with and without L_AT", "office31", FOUR,
-                         TABLE3_ROWS, "EM-A: no asynchronous M_post; EM-B: no filtering; EM-C: no LR-schedule "
-                         "restart at an M_post sync."),
-    "table4": Experiment("table4", "Table 4: attention discrepancy measures", "office31", FOUR, TABLE4_ROWS),
-    "tableA1": Experiment("tableA1", "Table A1: aligned representations (attention kinds)", "office31", FOUR,
-                          TABLEA1_ROWS, "L1 / L∞: channel aggregation by those norms instead of Eq. 4's squared "
-                          "L2; FM: the feature maps themselves."),
-    "figA1": Experiment("figA1", "Fig. A1: accuracy vs p_t and vs beta", "office31", ["D-A"], [],
-                        "The paper shows these curves as a figure only; its result at the default setting "
-                        "(p_t 0.95, beta by validation) is 74.3 and the previous state of the art (JAN-A) 69.2.",
-                        {"previous SOTA (JAN-A, D→A)": 69.2, "paper: ours (D→A)": 74.3}),
-}
+def _experiment(name: str) -> Experiment:
+    """One of the paper's tables (or Fig. A1) as :data:`PAPER_RESULTS` describes it; the kind of its tasks (digits or
+    Office-31) picks the default preset."""
+    table = PAPER[name]
+    return Experiment(name, table["title"], TASKS[table["tasks"][0]].kind, list(table["tasks"]), paper_rows(name),
+                      table.get("note", ""), {k: float(v) for k, v in (table.get("reference") or {}).items()})
+
+
+EXPERIMENTS: dict[str, Experiment] = {name: _experiment(name) for name in PAPER}
 
 
 def sweep_rows(cfg: Config, tasks: Sequence[str], pt_values: Sequence[float],
@@ -308,13 +260,13 @@ def sweep_rows(cfg: Config, tasks: Sequence[str], pt_values: Sequence[float],
         ch = {"confidence_threshold": float(v)}
         if same:
             ch["initial_confidence_threshold"] = float(v)
-        rows.append(Row(f"p_t={v:g}", f"p_t = {v:g}", "S+T_f+T+S_f", "ours", ch))
+        rows.append(Row(f"p_t={v:g}", f"p_t = {v:g}", ALL_DATA, "ours", ch))
         keys.append(rows[-1].key)
     sweeps["p_t"] = {"param": "adapt.confidence_threshold", "task": tasks[0], "values": [float(v) for v in pt_values],
                      "rows": keys}
     keys = []
     for v in beta_values:
-        rows.append(Row(f"beta={v:g}", f"β = {v:g}", "S+T_f+T+S_f", "ours", {"beta": float(v)}))
+        rows.append(Row(f"beta={v:g}", f"β = {v:g}", ALL_DATA, "ours", {"beta": float(v)}))
         keys.append(rows[-1].key)
     sweeps["beta"] = {"param": "adapt.beta", "task": tasks[0], "values": [float(v) for v in beta_values], "rows": keys}
     return rows, sweeps
@@ -367,6 +319,54 @@ def _load_data(cfg: Config, spec: dict[str, str], ctx: Context):
     return pipeline.load_data(cfg, spec["source"], spec["target"], spec["target_test"], ctx)
 
 
+def _plan(exp: Experiment, cfg: Config, task_ids: Sequence[str], rows: Sequence[str] | None,
+          pt_values: Sequence[float] | None, beta_values: Sequence[float] | None
+          ) -> tuple[list[Row], dict[str, dict[str, Any]]]:
+    """The rows to run and, for figA1, the sweeps they make up; the options are checked first."""
+    if exp.name != "figA1":
+        if pt_values or beta_values:
+            raise DaaaError("--pt-values / --beta-values belong to figA1")
+        return select_rows(exp, rows), {}
+    if rows:
+        raise DaaaError("--rows: figA1's rows are the sweeps (use --pt-values / --beta-values)")
+    if len(task_ids) != 1:
+        raise DaaaError("--tasks: figA1 sweeps one task")
+    return sweep_rows(cfg, task_ids, pt_values or DEFAULT_PT_VALUES, beta_values or DEFAULT_BETA_VALUES)
+
+
+def _data_summary(spec: dict[str, str], data: Any) -> dict[str, Any]:
+    """results.json's "data" entry of a task: its domain specs and how many images each part has."""
+    def n(domain: Any) -> int:
+        return len(domain) if domain is not None else 0
+
+    return {**spec, "n_source": len(data.source), "n_source_val": n(data.source_val), "n_target": n(data.target),
+            "n_target_test": n(data.target_test)}
+
+
+def _run_seed(runner: Any, cfg: Config, data: Any, rows: Sequence[Row], translate: bool,
+              count: Callable[[str, Any], None]) -> list[tuple[Row, dict[str, Any], str]]:
+    """The translation, the source network and every row in one run folder (finished stages are reused):
+    (row, stage result, stage name) per row; ``count(stage, seconds)`` adds a stage's recorded seconds."""
+    from . import pipeline
+
+    if translate:
+        pipeline.translate(runner, cfg, data)
+        count("translate", _translate_seconds(runner.run_dir))
+    source_model, src_res = pipeline.train_source(runner, cfg, data)
+    count("source", src_res.get("seconds"))
+    out = []
+    for row in rows:
+        if row.kind == "source":
+            out.append((row, src_res, "source"))
+            continue
+        name = stage_name(row, cfg)
+        res = pipeline.run_variant(runner, cfg, data, source_model, row.variant, dict(row.changes) or None,
+                                   stage_name=name)
+        count(name, res.get("seconds"))
+        out.append((row, res, name))
+    return out
+
+
 def reproduce(experiment: str, cfg: Config, ctx: Context, out: str | Path, seeds: int = 1,
               tasks: Sequence[str] | None = None, rows: Sequence[str] | None = None, runs: str | Path | None = None,
               digits_data: str = "auto", pt_values: Sequence[float] | None = None,
@@ -375,8 +375,7 @@ def reproduce(experiment: str, cfg: Config, ctx: Context, out: str | Path, seeds
     """Run every row of ``experiment`` for every task and seed (finished rows are reused) and write
     ``out/results.{md,csv,json}``; returns results.json's content. ``cfg`` is the resolved configuration (with
     ``data.source_val_fraction`` already decided by the caller)."""
-    from . import pipeline
-    from .experiments import run_variant
+    from .stages import StageRunner
 
     if experiment not in EXPERIMENTS:
         raise DaaaError(f"unknown experiment {experiment!r} (choose {', '.join(EXPERIMENTS)})")
@@ -384,18 +383,7 @@ def reproduce(experiment: str, cfg: Config, ctx: Context, out: str | Path, seeds
         raise DaaaError(f"--seeds: {seeds} must be at least 1")
     exp = EXPERIMENTS[experiment]
     task_ids = list(tasks) if tasks else list(exp.tasks)
-    sweeps: dict[str, dict[str, Any]] = {}
-    if experiment == "figA1":
-        if rows:
-            raise DaaaError("--rows: figA1's rows are the sweeps (use --pt-values / --beta-values)")
-        row_list, sweeps = sweep_rows(cfg, task_ids, pt_values or DEFAULT_PT_VALUES,
-                                      beta_values or DEFAULT_BETA_VALUES)
-        if len(task_ids) != 1:
-            raise DaaaError("--tasks: figA1 sweeps one task")
-    else:
-        if pt_values or beta_values:
-            raise DaaaError("--pt-values / --beta-values belong to figA1")
-        row_list = select_rows(exp, rows)
+    row_list, sweeps = _plan(exp, cfg, task_ids, rows, pt_values, beta_values)
     out_dir = prepare_run_dir(out) if ctx.is_main else Path(out)
     runs_dir = Path(runs).expanduser() if runs else out_dir
     ctx.barrier()
@@ -421,13 +409,9 @@ def reproduce(experiment: str, cfg: Config, ctx: Context, out: str | Path, seeds
         return res
 
     for task_id in task_ids:
-        task = TASKS[task_id]
-        spec = task_data(task, cfg, digits_data)
+        spec = task_data(TASKS[task_id], cfg, digits_data)
         data = _load_data(cfg, spec, ctx)
-        state["data"][task_id] = {**spec, "n_source": len(data.source),
-                                  "n_source_val": len(data.source_val) if data.source_val is not None else 0,
-                                  "n_target": len(data.target) if data.target is not None else 0,
-                                  "n_target_test": len(data.target_test) if data.target_test is not None else 0}
+        state["data"][task_id] = _data_summary(spec, data)
         for seed in seed_list:
             scfg = copy.deepcopy(cfg)
             scfg.runtime.seed = seed
@@ -437,19 +421,9 @@ def reproduce(experiment: str, cfg: Config, ctx: Context, out: str | Path, seeds
                 save_config(run_dir, scfg.to_dict())
             ctx.barrier()
             LOG.info("reproduce %s: task %s, seed %d in %s", experiment, task_id, seed, run_dir)
-            if needs_translation:
-                pipeline.translate(run_dir, scfg, data, ctx)
-                count(task_id, run_dir, "translate", _translate_seconds(run_dir))
-            source_model, src_res = pipeline.train_source(run_dir, scfg, data, ctx, overwrite)
-            count(task_id, run_dir, "source", src_res.get("seconds"))
-            for row in row_list:
-                if row.kind == "source":
-                    res, name = src_res, "source"
-                else:
-                    name = stage_name(row, scfg)
-                    res = run_variant(run_dir, scfg, ctx, data, source_model, row.variant, dict(row.changes) or None,
-                                      stage_name=name, overwrite=overwrite)
-                    count(task_id, run_dir, name, res.get("seconds"))
+            done = _run_seed(StageRunner(run_dir, ctx, overwrite), scfg, data, row_list, needs_translation,
+                             functools.partial(count, task_id, run_dir))
+            for row, res, name in done:
                 state["records"][row.key][task_id].append(_seed_record(res, seed, run_dir, name))
             write(final=False)  # partial results after every (task, seed)
     results = write(final=True)
@@ -581,159 +555,13 @@ def build_results(exp: Experiment, rows: Sequence[Row], tasks: Sequence[str], se
 
 # ------------------------------------------------------------------------------------------------ writing
 
-CRITERION_NAMES = {"iwcv": "IWCV", "dev": "DEV", "snd": "SND", "source_val": "source-val acc."}
-
-
-def _pct(stat: dict[str, Any] | None, std: bool = True) -> str:
-    if not stat or stat.get("mean") is None:
-        return "–"
-    m = stat["mean"] * 100
-    if std and stat.get("n", 0) > 1:
-        return f"{m:.1f} ± {stat['std'] * 100:.1f}"
-    return f"{m:.1f}"
-
-
-def _paper_cell(row: dict[str, Any], t: str) -> str:
-    v = row["paper"].get(t)
-    if v is None:
-        return "–"
-    if isinstance(v, str):
-        return v
-    s = row["paper_std"].get(t) if t != "average" else None
-    return f"{v * 100:.1f}" + (f" ± {s * 100:.1f}" if s is not None else "")
-
-
-def _metric(cell: dict[str, Any] | None, metric: str) -> dict[str, Any] | None:
-    if cell is None:
-        return None
-    if metric.startswith("selected:"):
-        return cell["selected"].get(metric.split(":", 1)[1])
-    return cell.get(metric)
-
-
-def _metric_title(metric: str, primary: str) -> str:
-    if metric == "final":
-        return "final step"
-    if metric == "oracle":
-        return "target oracle: best evaluated step, chosen with the target labels"
-    c = metric.split(":", 1)[1]
-    return f"selected by {CRITERION_NAMES.get(c, c)} (no target labels){' -- primary criterion' if c == primary else ''}"
-
-
-def _table(lines: list[str], header: list[str], body: list[list[str]]) -> None:
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-    lines += ["| " + " | ".join(r) + " |" for r in body]
-    lines.append("")
-
-
-def format_markdown(res: dict[str, Any]) -> str:
-    primary = res["primary_criterion"]
-    metrics = [f"selected:{primary}", "final", "oracle"] + [f"selected:{c}" for c in res["criteria"] if c != primary]
-    tasks = res["tasks"]
-    cols = tasks + (["average"] if len(tasks) > 1 else [])
-    label = {**res["task_labels"], "average": "average"}
-    lines = [f"# {res['title']} -- reproduced with daaa {res['versions']['daaa']}", ""]
-    if not res["complete"]:
-        lines += ["**Partial results: the command is still running or was interrupted (re-run it to resume).**", ""]
-    lines.append("Data:")
-    for t in tasks:
-        d = res["data"].get(t)
-        if d:
-            lines.append(f"* {label[t]}: {d['description']}; {d['n_source']} source training images"
-                         f" (+{d['n_source_val']} held out for model selection), {d['n_target']} target training "
-                         f"images (unlabelled), {d['n_target_test']} target-test images.")
-    sec = res["seconds"]
-    ov = " ".join(f"`--set {o}`" for o in res["overrides"]) or "none"
-    lines += ["", f"Preset `{res['preset']}`, overrides: {ov}; seeds {', '.join(map(str, res['seeds']))} "
-              f"({len(res['seeds'])} run(s) per cell, mean ± sample std); "
-              f"{res['config']['model']}, {res['config']['adapt_steps']} adapt steps, batch {res['config']['batch_size']}.",
-              f"Time: {sec['wall']:.0f} s for this invocation; {sec['compute']:.0f} s of recorded training in all "
-              "stages used (reused stages included).", "",
-              "Accuracy (%) on the target test set. *paper*: the number printed in the paper. *final*: the network "
-              "after the last step. *oracle*: the best of the evaluated steps, i.e. chosen with the target labels "
-              "(what UDA papers often report). *selected by X*: the evaluated step that the label-free criterion X "
-              "ranks best (IWCV: importance-weighted source-validation risk, JAN's protocol; DEV: the same with a "
-              "control variate; SND: soft neighbourhood density of target predictions; source-val acc.: held-out "
-              "source accuracy).", ""]
-    if res.get("note"):
-        lines += [res["note"], ""]
-    for metric in metrics:
-        lines.append(f"## {_metric_title(metric, primary)}")
-        lines.append("")
-        if len(tasks) == 1:
-            header = ["method", "train data", "ours", "paper"]
-        else:
-            header = ["method", "train data"] + [f"{label[t]} {w}" for t in cols for w in ("ours", "paper")]
-        body = []
-        for row in res["rows"]:
-            r = [row["label"], row["train_data"]]
-            for t in cols:
-                r += [_pct(_metric(row["results"].get(t), metric)), _paper_cell(row, t)]
-            body.append(r)
-        _table(lines, header, body)
-    for name, sw in res.get("sweeps", {}).items():
-        lines.append(f"## sweep of {sw['param']} on {label.get(sw['task'], sw['task'])}")
-        lines.append("")
-        header = [name, "final", "oracle"] + [f"sel. {CRITERION_NAMES.get(c, c)}" for c in res["criteria"]]
-        body = []
-        for i, (v, key) in enumerate(zip(sw["values"], sw["rows"])):
-            row = next(r for r in res["rows"] if r["key"] == key)
-            cell = row["results"].get(sw["task"])
-            body.append([f"{v:g}", _pct(_metric(cell, "final")), _pct(_metric(cell, "oracle"))]
-                        + [_pct(_metric(cell, f"selected:{c}")) for c in res["criteria"]])
-        _table(lines, header, body)
-        for c, ch in (sw.get("choice") or {}).items():
-            if ch["value"] is None:
-                continue
-            picks = ", ".join(f"seed {p['seed']}: {p['value']:g}" for p in ch["per_seed"])
-            star = " (primary)" if c == primary else ""
-            lines.append(f"* {CRITERION_NAMES.get(c, c)}{star} picks {name} = {ch['value']:g} ({picks}); accuracy of "
-                         f"the picked final models: {_pct(ch['accuracy'])}")
-        lines.append("")
-    if res.get("reference"):
-        lines.append("Reference lines: " + "; ".join(f"{k}: {v * 100:.1f}" for k, v in res["reference"].items()))
-        lines.append("")
-    lines.append(f"Run folders: `{res['runs']}/<task>/seed<k>/` (rows in `rows/<key>/`, source network in `source/`, "
-                 "CycleGAN in `translate/`).")
-    return "\n".join(lines) + "\n"
-
-
-CSV_FIELDS = ["experiment", "task", "row", "label", "train_data", "metric", "mean", "std", "n", "values", "paper",
-              "paper_std"]
-
-
-def format_csv(res: dict[str, Any]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_FIELDS)
-    tasks = res["tasks"] + (["average"] if len(res["tasks"]) > 1 else [])
-    metrics = ["final", "oracle"] + [f"selected:{c}" for c in res["criteria"]]
-    for row in res["rows"]:
-        for t in tasks:
-            cell = row["results"].get(t)
-            paper = row["paper"].get(t)
-            pstd = row["paper_std"].get(t) if t != "average" else None
-            for m in metrics:
-                st = _metric(cell, m) or {}
-                vals = st.get("values") or []
-                w.writerow([res["experiment"], t, row["key"], row["label"], row["train_data"], m,
-                            _num(st.get("mean")), _num(st.get("std")), st.get("n", 0),
-                            ";".join("" if v is None else f"{v:.6g}" for v in vals),
-                            paper if isinstance(paper, str) else _num(paper), _num(pstd)])
-    return buf.getvalue()
-
-
-def _num(v: Any) -> str:
-    return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.6g}"
-
 
 def write_results(out_dir: Path, res: dict[str, Any]) -> None:
     atomic_write_json(out_dir / "results.json", res)
-    atomic_write_text(out_dir / "results.csv", format_csv(res))
-    atomic_write_text(out_dir / "results.md", format_markdown(res))
+    atomic_write_text(out_dir / "results.csv", report.format_csv(res))
+    atomic_write_text(out_dir / "results.md", report.format_markdown(res))
 
 
-__all__ = ["EXPERIMENTS", "EXTRA_ROWS", "Experiment", "Row", "SCHEMA", "TASKS", "Task", "build_results",
-           "format_csv", "format_markdown", "parse_tasks", "reproduce", "select_rows", "stage_name", "sweep_rows",
-           "task_data", "write_results"]
+__all__ = ["EXPERIMENTS", "EXTRA_ROWS", "Experiment", "PAPER", "Row", "SCHEMA", "TASKS", "Task", "build_results",
+           "paper_rows", "parse_tasks", "reproduce", "select_rows", "stage_name", "sweep_rows", "task_data",
+           "write_results"]

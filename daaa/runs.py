@@ -80,6 +80,16 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         raise
 
 
+def load_torch_file(path: str | Path, remedy: str = "") -> Any:
+    """``torch.load`` of a file daaa wrote (tensors, plain containers and numbers only: ``weights_only``, so a
+    crafted file cannot run code); one line naming the file when it cannot be read, then ``remedy``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or objects that weights_only refuses
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DaaaError(f"{path}: cannot be read ({type(e).__name__}: {first}){remedy}") from None
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:

@@ -35,7 +35,8 @@ from .data.domain import ImageTensors, check_image_size as check_decoded_size, f
 from .distributed import amp_dtype
 from .errors import DaaaError, DataError
 from .figures import plot_curves, plot_pairs
-from .runs import Stage, atomic_write_text, read_json
+from .runs import Stage, atomic_write_text, load_torch_file, read_json
+from .style_gst import build_cyclegan
 from .trainers.loop import guard_finite_state
 
 LOG = logging.getLogger("daaa")
@@ -98,7 +99,8 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(s[0]) << 32 | int(s[1]))
 
 
-def _batch_indices(n: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+def batch_indices(n: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    """``batch_size`` indices into a domain of ``n`` images, drawn from ``gen``."""
     if n >= batch_size:
         return torch.randperm(n, generator=gen)[:batch_size]
     return torch.randint(n, (batch_size,), generator=gen)  # tiny domain: sample with replacement
@@ -124,7 +126,7 @@ def _train(stage: Stage, cfg: Config, model: CycleGAN, source: ImageTensors, tar
     acc_n, prior_seconds = 0, 0.0
     state = stage.load_checkpoint("cpu")
     if state is not None:
-        model.load_state_dict(state["model"])
+        model.load_training_state(state["model"])
         history, acc, acc_n, prior_seconds = state["history"], state["acc"], state["acc_n"], state["seconds"]
         LOG.info("translate: resuming from step %d of %d (%s)", model.step, c.steps, stage.checkpoint_path)
     # the history file restarts from the checkpoint's history: entries logged after it are replayed identically
@@ -141,8 +143,8 @@ def _train(stage: Stage, cfg: Config, model: CycleGAN, source: ImageTensors, tar
         with hist_path.open("a") as hf:
             while model.step < c.steps:
                 gen = step_generator(seed, model.step)
-                i_s = _batch_indices(len(source), c.batch_size, gen)
-                i_t = _batch_indices(len(target), c.batch_size, gen)
+                i_s = batch_indices(len(source), c.batch_size, gen)
+                i_t = batch_indices(len(target), c.batch_size, gen)
                 losses = model.training_step(to_model_range(source.images[i_s], size, device),
                                              to_model_range(target.images[i_t], size, device))
                 bar.update(1)
@@ -162,7 +164,7 @@ def _train(stage: Stage, cfg: Config, model: CycleGAN, source: ImageTensors, tar
                     bar.set_postfix({k: f"{entry[k]:.3f}" for k in ("g_total", "d", "cycle")}, refresh=False)
                     acc, acc_n = {}, 0
                 if (c.checkpoint_interval > 0 and step % c.checkpoint_interval == 0) or step == c.steps:
-                    state = model.state_dict()
+                    state = model.training_state()
                     guard_finite_state(step, {"cyclegan": state["nets"]}, stage)
                     stage.save_checkpoint({"model": state, "history": history, "acc": acc,
                                            "acc_n": acc_n, "seconds": prior_seconds + time.perf_counter() - t0})
@@ -173,22 +175,17 @@ def _train(stage: Stage, cfg: Config, model: CycleGAN, source: ImageTensors, tar
     return history, prior_seconds + time.perf_counter() - t0
 
 
-def _translate_all(fn: Any, images: torch.Tensor, size: int, batch_size: int,
-                   device: torch.device, style_images: torch.Tensor | None = None) -> torch.Tensor:
-    """``fn`` over ``images`` in batches; ``style_images`` (aligned with ``images``) go along as its second
-    argument when given (a style-conditioned G_ST)."""
+def translate_all(fn: Any, images: torch.Tensor, size: int, batch_size: int,
+                  device: torch.device, donors: torch.Tensor | None = None) -> torch.Tensor:
+    """``fn`` over uint8 ``images`` in batches, back to uint8 at their stored size; ``donors`` (uint8 real target
+    images aligned with ``images``, for a style-conditioned G_ST, see :mod:`daaa.style_gst`) go along as its
+    second argument when given."""
     out = torch.empty_like(images)
     for a in range(0, len(images), batch_size):
         x = to_model_range(images[a:a + batch_size], size, device)
-        y = fn(x) if style_images is None else fn(x, to_model_range(style_images[a:a + batch_size], size, device))
+        y = fn(x) if donors is None else fn(x, to_model_range(donors[a:a + batch_size], size, device))
         out[a:a + batch_size] = to_uint8(y, tuple(images.shape[-2:]))
     return out
-
-
-def style_indices(n_source: int, n_target: int, seed: int) -> torch.Tensor:
-    """For a style-conditioned G_ST: which real target image lends its colour layout to each source image's
-    translation -- uniform draws, fixed by the run's seed."""
-    return torch.randint(n_target, (n_source,), generator=torch.Generator().manual_seed(seed + 7919))
 
 
 def _save_png(img: torch.Tensor, path: Path) -> None:
@@ -259,15 +256,16 @@ def run_translation(run_dir: Path, cfg: Config, source: ImageTensors, target: Im
         shutil.rmtree(stale, ignore_errors=True)
 
     # runtime.precision / runtime.channels_last as for the classifier (fp16 is refused off CUDA)
-    model = CycleGAN(c, channels, cfg.runtime.seed, amp_dtype(cfg.runtime.precision, torch.device(device)),
-                     cfg.runtime.channels_last).to(device)
+    model = build_cyclegan(c, channels, cfg.runtime.seed, amp_dtype(cfg.runtime.precision, torch.device(device)),
+                           cfg.runtime.channels_last).to(device)
     history, train_seconds = _train(stage, cfg, model, source, target, device, progress)
 
     t0 = time.perf_counter()
-    style_idx = style_indices(len(source), len(target), cfg.runtime.seed) if model.uses_style else None
-    fake_t = _translate_all(model.translate_st, source.images, c.image_size, c.translate_batch_size, device,
-                            None if style_idx is None else target.images[style_idx])
-    fake_s = _translate_all(model.translate_ts, target.images, c.image_size, c.translate_batch_size, device)
+    # None for the paper's G_ST; for the style extension, whose colour layout each translation takes
+    style_idx = model.translation_donors(len(source), len(target), cfg.runtime.seed)
+    fake_t = translate_all(model.translate_st, source.images, c.image_size, c.translate_batch_size, device,
+                           None if style_idx is None else target.images[style_idx])
+    fake_s = translate_all(model.translate_ts, target.images, c.image_size, c.translate_batch_size, device)
     tmp = Path(tempfile.mkdtemp(dir=stage.dir, prefix=".output-"))
     try:
         _write_outputs(tmp, source, target, fake_t, fake_s, history, style_idx)
@@ -289,10 +287,7 @@ def load_translation(stage_dir: Path) -> Translation:
     path = stage_dir / "translated.pt"
     if not path.is_file():
         raise DaaaError(f"{path} does not exist; run the translate stage first")
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DaaaError(f"{path} cannot be read ({e}); delete {stage_dir} to redo the translation") from None
+    d = load_torch_file(path, f"; delete {stage_dir} to redo the translation")
     rec = stage_dir / "stage.json"
     seconds = read_json(rec).get("result", {}).get("seconds", {}) if rec.is_file() else {}
     return Translation(d["synthetic_target"], d["synthetic_source"], seconds, stage_dir)

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from daaa.baselines import (DomainAdversarialLoss, DomainDiscriminator, GradientReverse, GradientReverseLayer,
+from daaa.baseline_losses import (DomainAdversarialLoss, DomainDiscriminator, GradientReverse, GradientReverseLayer,
                             JointMMD, MultiKernelMMD, dann_coefficient, gaussian_kernel_matrix, jmmd, mmd)
-from daaa.selection import (deep_embedded_validation, density_ratio_weights, dev_risk, effective_sample_size,
-                            importance_weighted_validation, per_sample_loss, select, soft_neighborhood_density)
+from daaa.selection import (CRITERIA, DEV, IWCV, SND, CandidateOutputs, Criterion, SourceValAccuracy,
+                            density_ratio_weights, dev_risk, effective_sample_size, iw_risk, per_sample_loss, pick,
+                            soft_neighborhood_density)
 
 
 @pytest.fixture(autouse=True)
@@ -176,21 +177,55 @@ def test_iwcv_prefers_the_model_that_is_good_where_the_target_is() -> None:
     near_target = xs[:, 0] > 0.5
     labels = np.zeros(400, dtype=np.int64)
 
-    def probs(loss: np.ndarray) -> np.ndarray:  # two-class outputs whose cross-entropy is `loss`
+    def logits(loss: np.ndarray) -> np.ndarray:  # two-class log-probabilities whose cross-entropy is `loss`
         p = np.exp(-loss)
-        return np.stack([p, 1 - p], axis=1)
+        return np.log(np.stack([p, 1 - p], axis=1))
 
-    good_on_target = probs(np.where(near_target, 0.1, 1.0))
-    good_on_source = probs(np.where(near_target, 1.0, 0.1))
+    w = density_ratio_weights(xs, xt)
     cands = []
-    for out in (good_on_source, good_on_target):
-        iw = importance_weighted_validation(xs, xt, out, labels, from_logits=False)
-        dev = deep_embedded_validation(xs, xt, out, labels, from_logits=False)
-        assert iw["risk"] == pytest.approx(np.mean(iw["weights"] * per_sample_loss(out, labels, False)))
-        cands.append({"iwcv": iw, "dev": dev["risk"], "source": iw["source_risk"]})
-    assert cands[0]["source"] < cands[1]["source"]  # plain source validation picks the wrong one
-    assert select(cands, "iwcv") == 1
-    assert select(cands, "dev") == 1
+    for out in (logits(np.where(near_target, 1.0, 0.1)), logits(np.where(near_target, 0.1, 1.0))):
+        o = CandidateOutputs(val_features=xs, val_logits=out, val_labels=labels, target_features=xt)
+        losses = per_sample_loss(out, labels)
+        assert IWCV(self_normalize=False)(o) == pytest.approx(-np.mean(w * losses))  # score = -[IWCV] Eq. 4
+        assert IWCV()(o) == pytest.approx(-np.sum(w * losses) / np.sum(w))  # self-normalised by default
+        assert DEV()(o) == pytest.approx(-dev_risk(losses, w)["risk"])
+        cands.append({"iwcv": IWCV()(o), "dev": DEV()(o), "source": -float(losses.mean())})
+    assert cands[0]["source"] > cands[1]["source"]  # plain source validation prefers the wrong one
+    assert pick(cands, "iwcv") == 1
+    assert pick(cands, "dev") == 1
+
+
+def _held_out_source(rng: np.random.Generator, n: int = 300, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.arange(n) % k
+    return rng.normal(size=(n, 4)) + 3.0 * np.eye(k, 4)[labels], labels
+
+
+def test_every_criterion_scores_the_better_candidate_higher_and_pick_takes_it() -> None:
+    rng = np.random.default_rng(2)
+    xv, yv = _held_out_source(rng)
+    xtr, _ = _held_out_source(rng)
+    xt, yt = _held_out_source(rng)
+    xt = xt + 0.5  # a mild shift: the weights are not all one
+    right = 4.0 * np.eye(3)[yv]  # confident and right on the held-out source
+    wrong = 4.0 * np.eye(3)[(yv + 1) % 3]  # confident and wrong
+    clustered = 8.0 * np.eye(3)[yt]  # target predictions in three tight clusters
+    scattered = rng.normal(scale=2.0, size=(len(yt), 3))  # no cluster structure
+    good = CandidateOutputs(xv, right, yv, xt, clustered, xtr)
+    bad = CandidateOutputs(xv, wrong, yv, xt, scattered, xtr)
+    assert set(CRITERIA) == {"iwcv", "dev", "snd", "source_val"}
+    for name, cls in CRITERIA.items():
+        assert issubclass(cls, Criterion) and cls.name == name
+        criterion = cls()
+        scores = [{name: criterion(bad)}, {name: criterion(good)}, {name: float("nan")}]
+        assert scores[1][name] > scores[0][name], name  # higher is better for every criterion
+        assert pick(scores, name) == 1, name
+    assert SourceValAccuracy()(good) == 1.0 and SourceValAccuracy()(bad) == 0.0
+    assert IWCV()(bad) < IWCV()(good) < 0  # minus a cross-entropy
+    assert SND()(good) == pytest.approx(math.log(len(yt) // 3 - 1), abs=1e-3)  # three tight clusters
+    assert SND()(good) > SND()(bad) + 0.2
+    # precomputed weights skip the domain classifier: unit weights give minus the plain mean loss
+    unit = CandidateOutputs(xv, wrong, yv, weights=np.ones(len(yv)))
+    assert IWCV()(unit) == pytest.approx(DEV()(unit)) == pytest.approx(-per_sample_loss(wrong, yv).mean())
 
 
 def test_dev_with_constant_weights_is_the_mean_loss() -> None:
@@ -202,8 +237,9 @@ def test_dev_with_constant_weights_is_the_mean_loss() -> None:
 
     logits = torch.randn(5, 3)
     labels = torch.tensor([0, 1, 2, 1, 0])
-    full = deep_embedded_validation(torch.randn(5, 4), torch.randn(7, 4), logits, labels, weights=np.ones(5))
-    assert full["risk"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    full = DEV()(CandidateOutputs(torch.randn(5, 4), logits, labels, torch.randn(7, 4), weights=np.ones(5)))
+    assert full == pytest.approx(-F.cross_entropy(logits, labels).item(), rel=1e-6)
+    assert iw_risk(losses, np.ones(5))["risk"] == pytest.approx(losses.mean())
 
     # With varying weights the control variate still leaves the estimate exact when W*l is linear in W.
     w = np.array([0.5, 1.5, 1.0, 0.2, 1.8])
@@ -226,12 +262,22 @@ def test_snd_higher_for_clustered_than_scattered_predictions() -> None:
     assert soft_neighborhood_density(np.full((n, k), 1.0 / k)) == pytest.approx(math.log(n - 1))
 
 
-def test_select_directions() -> None:
-    cands = [{"iwcv": 0.9, "dev": 0.5, "snd": 1.0},
-             {"iwcv": 0.2, "dev": float("nan"), "snd": 3.0},
-             {"iwcv": 0.4, "dev": 0.3, "snd": 2.0}]
-    assert select(cands, "iwcv") == 1
-    assert select(cands, "dev") == 2  # NaN skipped
-    assert select(cands, "snd") == 1
+def test_pick_takes_the_highest_finite_score() -> None:
+    cands = [{"iwcv": -0.9, "dev": -0.5, "snd": 1.0},
+             {"iwcv": -0.2, "dev": float("nan"), "snd": 3.0},
+             {"iwcv": -0.4, "dev": -0.3, "snd": 3.0, "other": 7.0}]
+    assert pick(cands, "iwcv") == 1
+    assert pick(cands, "dev") == 2  # NaN skipped
+    assert pick(cands, "snd") == 1  # tie: the earliest
+    assert pick(cands, "snd", key="other") == 2  # missing values skipped
+    assert pick(cands[:2], "source_val") is None
     with pytest.raises(ValueError):
-        select(cands, "accuracy")
+        pick(cands, "accuracy")
+
+
+def test_importing_the_selection_module_does_not_import_sklearn() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, daaa.selection; assert 'sklearn' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -13,6 +13,7 @@ from daaa import bench
 from daaa.cli import main
 from daaa.config import load_config
 from daaa.distributed import Context
+from naive_step import naive_daaa_losses, naive_daaa_step
 
 CPU = Context(0, 1, torch.device("cpu"), None, False)
 
@@ -26,12 +27,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     ["adapt.beta=0"],  # L_AT is still computed and logged, but has no gradient
     ["data.augment=true", "data.load_size=36"],  # anchors cropped like their rows: the source net runs every step
     ["adapt.async_posterior=false", "adapt.attention=l1"],  # EM-A, Table A1's l1 maps
-], ids=["paper", "beta0", "augment", "emA-l1"])
+    ["adapt.restart_schedule=false"],  # EM-C: the decaying schedule runs on through the sync
+], ids=["paper", "beta0", "augment", "emA-l1", "emC"])
 def test_optimised_step_equals_naive_step(tmp_path, overrides):
     """Eq. 12 from one batched forward with caches == four forwards per network recomputing everything: the logged
     loss terms, the gradients and the updated weights agree to 1e-5 (relative), in a state where EM is active (after
     an M_post sync, p_t < 1 keeps samples) and L_AT is on."""
-    cfg = load_config("smoke", ["adapt.confidence_threshold=0.105", "runtime.channels_last=true", *overrides])
+    # a schedule that decays fast, so the learning rates compared differ between steps and with a restart
+    cfg = load_config("smoke", ["adapt.confidence_threshold=0.105", "runtime.channels_last=true",
+                                "adapt.optim.schedule=inv", "adapt.optim.lr_gamma=0.5", *overrides])
     data = bench.synthetic_data(cfg)
     fast = bench.daaa_trainer(cfg, data, CPU, tmp_path, "fast")
     sync = cfg.adapt.sync_interval
@@ -39,9 +43,11 @@ def test_optimised_step_equals_naive_step(tmp_path, overrides):
         fast.step(step)
     naive = bench.daaa_trainer(cfg, data, CPU, tmp_path, "naive")
     naive.load_state(copy.deepcopy(fast.state()))  # a copy: Adam's moments must not be shared
+    lrs = []
     for step in (sync, sync + 1):  # the sync step itself, then a step on cached posteriors
         got = fast.step(step)
-        want = bench.naive_daaa_step(naive, step)
+        want = naive_daaa_step(naive, step)
+        lrs.append(want["lr"])
         assert got["syncs"] == want["syncs"] >= 1
         assert 0 < want["em_kept"] == got["em_kept"]
         assert want["L_EM"] > 0 and want["L_AT"] > 0
@@ -50,6 +56,7 @@ def test_optimised_step_equals_naive_step(tmp_path, overrides):
         for (name, p), q in zip(fast.net.named_parameters(), naive.net.parameters()):
             assert _rel(p.grad, q.grad) < 1e-5, name
             assert _rel(p.detach(), q.detach()) < 1e-5, name
+    assert lrs[1] < lrs[0]  # the schedule decays between the two steps compared
 
 
 def test_naive_losses_change_nothing(tmp_path):
@@ -57,7 +64,7 @@ def test_naive_losses_change_nothing(tmp_path):
     data = bench.synthetic_data(cfg)
     tr = bench.daaa_trainer(cfg, data, CPU, tmp_path)
     before = {k: v.clone() for k, v in tr.net.state_dict().items()}
-    terms = bench.naive_daaa_losses(tr, 0)
+    terms = naive_daaa_losses(tr, 0)
     assert set(terms) == {"loss", "L_CE", "L_EM", "L_AT", "kept"}
     assert all(torch.equal(v, tr.net.state_dict()[k]) for k, v in before.items())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -11,8 +12,8 @@ import torch
 from PIL import Image
 
 from daaa.config import Config, CycleGANConfig
-from daaa.cyclegan import (CycleGAN, GANLoss, ImagePool, PatchDiscriminator, ResnetGenerator, check_image_size,
-                           style_field)
+from daaa.cyclegan import CycleGAN, GANLoss, ImagePool, PatchDiscriminator, ResnetGenerator, check_image_size
+from daaa.style_gst import StyleCycleGAN, StyleResnetGenerator, build_cyclegan, style_field
 from daaa.data.domain import ImageTensors
 from daaa.errors import ConfigError, DaaaError, DataError
 from daaa.translate import load_translation, load_translation_folders, run_translation
@@ -112,19 +113,45 @@ def test_style_field_keeps_layout_drops_content():
     assert torch.allclose(f[0, 1], torch.full((2, 2), 0.25))  # the grid averages out to its mean
 
 
+def test_build_cyclegan_picks_the_class():
+    paper = build_cyclegan(tiny_cg(), channels=1)
+    assert type(paper) is CycleGAN and type(paper.G_ST) is ResnetGenerator
+    assert paper.translation_donors(5, 3, 0) is None  # the paper's T_f[i] = G_ST(S[i]) needs no target image
+    style = build_cyclegan(tiny_cg(style_grid=2), channels=3)
+    assert isinstance(style, StyleCycleGAN) and isinstance(style.G_ST, StyleResnetGenerator)
+    assert type(style.G_TS) is ResnetGenerator  # G_TS, D_T, D_S stay the paper's
+
+
+@pytest.mark.parametrize("grid", [0, 2])
+def test_state_dict_is_networks_only_and_training_state_resumes(grid):
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    a = build_cyclegan(tiny_cg(style_grid=grid), channels=1, seed=0)
+    a.training_step(x, x.flip(-1))
+    assert {k.split(".")[0] for k in a.state_dict()} == {"G_ST", "G_TS", "D_T", "D_S"}
+    b = build_cyclegan(tiny_cg(style_grid=grid), channels=1, seed=1)
+    b.load_state_dict(a.state_dict())  # a plain module state dict, as for any nn.Module
+    assert torch.equal(b.translate_st(x, x), a.translate_st(x, x)) and b.step == 0
+    state = a.training_state()
+    assert set(state) >= {"nets", "opt_g", "opt_d", "sched_g", "sched_d", "pool_t", "pool_s", "step", "scaler"}
+    c = build_cyclegan(tiny_cg(style_grid=grid), channels=1, seed=2)
+    c.load_training_state(copy.deepcopy(state))  # as from a checkpoint file: no tensors shared with `a`
+    assert c.step == 1 and c.opt_g.param_groups[0]["lr"] == a.opt_g.param_groups[0]["lr"]
+    assert c.training_step(x, x.flip(-1)) == a.training_step(x, x.flip(-1))
+
+
 def test_style_conditioned_generator():
-    model = CycleGAN(tiny_cg(style_grid=2), channels=3, seed=0)
-    assert model.uses_style and model.G_ST.style_embed is not None and model.G_TS.style_embed is None
+    model = build_cyclegan(tiny_cg(style_grid=2), channels=3, seed=0)
+    assert "G_ST.style_embed.0.weight" in model.state_dict() and not hasattr(model.G_TS, "style_embed")
     xs = torch.rand(4, 3, 16, 16) * 2 - 1
     dark, light = -torch.ones_like(xs), torch.ones_like(xs)
     losses = model.training_step(xs, torch.rand(4, 3, 16, 16) * 2 - 1)
     assert all(np.isfinite(v) for v in losses.values())
     # the layout is an input: a different target image changes the translation of the same source image
     assert not torch.allclose(model.translate_st(xs, dark), model.translate_st(xs, light))
-    with pytest.raises(ValueError, match="style_images"):
+    with pytest.raises(ValueError, match="donors"):
         model.translate_st(xs)
     with pytest.raises(ConfigError, match="cyclegan.style_grid"):
-        CycleGAN(tiny_cg(style_grid=-1), channels=3)
+        build_cyclegan(tiny_cg(style_grid=-1), channels=3)
 
 
 def test_style_conditioned_stage_records_layout_donors(tmp_path):

@@ -120,15 +120,16 @@ def test_ranks_make_the_same_collective_calls_and_only_rank0_writes(tmp_path: Pa
     """The whole pipeline (data, translate, source, adapt with EM syncs and evaluations) as rank 0 and as rank 1 of
     a 2-process job: the sequences of collective calls must be equal (else a real job deadlocks), and rank 1 must
     not create or change a single file."""
-    from daaa.experiments import run_pipeline
+    from daaa.pipeline import run_pipeline
+    from daaa.stages import StageRunner
 
     cfg = load_config("smoke", ["runtime.progress=false", "adapt.filtering=false", "adapt.eval_interval=2"])
     rank0, rank1 = RecordingContext(0), RecordingContext(1)
-    run_pipeline(tmp_path / "rank0", cfg, rank0, "demo", "demo", "demo")
+    run_pipeline(StageRunner(tmp_path / "rank0", rank0), cfg, "demo", "demo", "demo")
     # rank 1 sees what rank 0 has written when it reads it: the translation (stages are not finished yet)
     shutil.copytree(tmp_path / "rank0" / "translate", tmp_path / "rank1" / "translate")
     before = _tree(tmp_path / "rank1")
-    run_pipeline(tmp_path / "rank1", cfg, rank1, "demo", "demo", "demo")
+    run_pipeline(StageRunner(tmp_path / "rank1", rank1), cfg, "demo", "demo", "demo")
     assert _tree(tmp_path / "rank1") == before, "rank 1 wrote into the run folder"
     assert rank0.calls == rank1.calls
     kinds = [c[0] for c in rank0.calls]

@@ -272,3 +272,23 @@ def test_nonfinite_weights_are_not_checkpointed(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteLossError, match=r"step 4: w became non-finite"):
         loop.run(step, lambda: dict(w), lambda s: None)
     assert torch.load(stage.checkpoint_path, weights_only=False)["step"] == 2
+
+
+def test_adapt_runs_only_the_adapt_stage(tmp_path: Path, capsys) -> None:
+    """`daaa adapt` trains the adapt stage only: without a translation and a source network in --out it stops with
+    one line naming what is missing; after `translate` and `train-source` it adapts and leaves those stages as they
+    were (not retrained)."""
+    run = tmp_path / "run"
+    domains = ["--source", "demo", "--target", "demo", "--target-test", "demo", "--out", str(run)]
+    line = _fail(capsys, ["adapt", *domains, *SMOKE])
+    assert str(run / "translate") in line and "daaa translate" in line
+    assert cli.main(["translate", *domains, *SMOKE]) == 0
+    capsys.readouterr()
+    line = _fail(capsys, ["adapt", *domains, *SMOKE])
+    assert str(run / "source") in line and "no finished source stage" in line
+    assert not (run / "adapt").exists()
+    assert cli.main(["train-source", "--source", "demo", "--target-test", "demo", "--out", str(run), *SMOKE]) == 0
+    before = {k: v for k, v in _files(run).items() if k.startswith(("source/", "translate/"))}
+    assert cli.main(["adapt", *domains, *SMOKE]) == 0
+    assert (run / "adapt" / "stage.json").is_file() and (run / "adapt" / "model.pt").is_file()
+    assert {k: v for k, v in _files(run).items() if k.startswith(("source/", "translate/"))} == before

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from daaa.figures import (make_run_figures, plot_attention_maps, plot_confusion, plot_sweeps, plot_training_analysis,
-                          read_history, sync_steps)
+from daaa.figures import plot_attention_maps, plot_confusion, plot_sweeps, plot_training_analysis, sync_steps
+from daaa.run_figures import attention_networks, make_run_figures, read_history
 
 SMOKE = ["--preset", "smoke", "--quiet", "--set", "data.demo_source=60", "--set", "data.demo_target_train=60",
          "--set", "data.demo_target_test=30", "--set", "cyclegan.steps=2", "--set", "cyclegan.decay_start=1"]
@@ -200,8 +200,6 @@ def test_report_of_reproduce_results_and_demo_rows(smoke_run: Path, tmp_path: Pa
 
 
 def _attention_columns(run: Path) -> list[str]:
-    from daaa.figures import attention_networks
-
     return list(attention_networks(run))
 
 

@@ -154,6 +154,29 @@ def test_lr_schedule_restarts():
     assert lr_factor(OptimConfig(schedule="constant"), 500) == 1.0
 
 
+@pytest.mark.parametrize("restart", [True, False])
+def test_modification_c_restarts_the_decaying_schedule_at_each_sync(tmp_path, restart):
+    """Modification C (Sec. 3.3): with a decaying schedule the learning rate a DAAA step uses falls between syncs
+    and jumps back to the base rate at every M_post sync; EM-C (no restart) keeps decaying through the syncs."""
+    from daaa import bench
+    from daaa.config import load_config
+    from daaa.distributed import Context
+
+    cfg = load_config("smoke", ["adapt.optim.schedule=inv", "adapt.optim.lr_gamma=0.5", "adapt.sync_interval=3",
+                                f"adapt.restart_schedule={str(restart).lower()}"])
+    trainer = bench.daaa_trainer(cfg, bench.synthetic_data(cfg), Context(0, 1, torch.device("cpu"), None, False),
+                                 tmp_path)
+    lrs = [trainer.step(step)["lr"] for step in range(8)]
+    base, factor = cfg.adapt.optim.lr, lambda t: (1 + 0.5 * t) ** -0.75
+    since = [s % 3 for s in range(8)] if restart else list(range(8))
+    assert lrs == pytest.approx([base * factor(t) for t in since])
+    assert trainer.posterior_net.syncs == 2  # synced at steps 3 and 6
+    if restart:
+        assert lrs[3] == lrs[6] == pytest.approx(base) and lrs[2] < base
+    else:
+        assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
 def test_batch_proportions_and_pairing():
     counts = stream_counts(100, [0.35, 0.15, 0.35, 0.15], "S+Tf+T+Sf")
     assert counts == {"S": 35, "Tf": 15, "T": 35, "Sf": 15}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,14 @@ from PIL import Image
 from daaa import pipeline
 from daaa.cli import main
 from daaa.config import load_config
-from daaa.data.domain import ImageTensors
+from daaa.data.domain import DomainData, ImageTensors
+from daaa.models import build_model
 from daaa.distributed import Context
-from daaa.reproduce import (EXPERIMENTS, TASKS, _seed_record, build_results, format_csv, format_markdown,
-                            parse_tasks, select_rows, stage_name, sweep_rows, task_data)
-from daaa.validation import SelectionProbe, split_source_validation, summarize_selection
+from daaa.report import format_csv, format_markdown
+from daaa.reproduce import (EXPERIMENTS, PAPER, TASKS, _seed_record, build_results, parse_tasks, select_rows,
+                            stage_name, sweep_rows, task_data)
+from daaa.selection import (CRITERIA, SelectionProbe, dev_risk, effective_sample_size, iw_risk, per_sample_loss,
+                            split_source_validation, summarize_selection)
 
 CPU = Context(0, 1, torch.device("cpu"), None, False)
 
@@ -56,26 +60,33 @@ def test_source_validation_split_is_stratified_deterministic_and_disjoint() -> N
 # ---------------------------------------------------------------------------------------------- selection
 
 
-def test_probe_is_deterministic_and_selection_picks_by_direction() -> None:
+def test_probe_is_deterministic_and_selection_picks_the_highest_score() -> None:
     cfg = load_config("smoke", ["model.width=4", "data.image_size=16", "data.load_size=16"])
     src, tgt = _tensors(30, seed=1), _tensors(30, seed=2, shift=40, labels=False)
     train, val = split_source_validation(src, 0.2)
-    net = pipeline.build_model(cfg.model, 3, 3, 16)
+    net = build_model(cfg.model, 3, 3, 16)
     probe = SelectionProbe(val, tgt, cfg.data, CPU, cfg.selection, train)
     a, b = probe(net), probe(net)
     assert a == b
     assert set(a) >= {"sel_iwcv", "sel_dev", "sel_snd", "sel_source_val"}
     assert all(math.isfinite(v) for v in a.values())
+    # the recorded values are scores, higher is better: minus the estimated risks
+    out = probe.outputs(net)
+    losses, w = per_sample_loss(out.val_logits, out.val_labels), out.weights
+    assert a["sel_iwcv"] == pytest.approx(-iw_risk(losses, w / w.mean())["risk"]) and a["sel_iwcv"] < 0
+    assert a["sel_dev"] == pytest.approx(-dev_risk(losses, w)["risk"])
+    assert a["sel_iw_ess"] == pytest.approx(effective_sample_size(w))
+    assert a == {"sel_iw_ess": a["sel_iw_ess"], **{f"sel_{c}": CRITERIA[c]()(out) for c in probe.criteria}}
     # without a target only the source-validation accuracy remains
     assert SelectionProbe(val, None, cfg.data, CPU, cfg.selection, train).criteria == ["source_val"]
 
     history = [{"step": 1, "loss": 2.0},
-               {"step": 2, "target_test_accuracy": 0.5, "sel_iwcv": 1.0, "sel_snd": 3.0, "sel_source_val": 0.9},
-               {"step": 4, "target_test_accuracy": 0.7, "sel_iwcv": 0.5, "sel_snd": 2.0, "sel_source_val": 0.9},
+               {"step": 2, "target_test_accuracy": 0.5, "sel_iwcv": -1.0, "sel_snd": 3.0, "sel_source_val": 0.9},
+               {"step": 4, "target_test_accuracy": 0.7, "sel_iwcv": -0.5, "sel_snd": 2.0, "sel_source_val": 0.9},
                {"step": 6, "target_test_accuracy": 0.6, "sel_iwcv": float("nan"), "sel_snd": 1.0, "sel_source_val": 0.8}]
     s = summarize_selection(history, ["iwcv", "snd", "source_val", "dev"])
-    assert s["selection"]["iwcv"] == {"step": 4, "accuracy": 0.7, "value": 0.5}  # lower is better, NaN skipped
-    assert s["selection"]["snd"]["step"] == 2  # higher is better
+    assert s["selection"]["iwcv"] == {"step": 4, "accuracy": 0.7, "value": -0.5}  # the highest score, NaN skipped
+    assert s["selection"]["snd"]["step"] == 2
     assert s["selection"]["source_val"]["step"] == 2  # tie: the earliest
     assert "dev" not in s["selection"]
     assert [c["step"] for c in s["criteria_curve"]] == [2, 4, 6]
@@ -86,17 +97,18 @@ def test_probe_is_deterministic_and_selection_picks_by_direction() -> None:
 
 @pytest.mark.parametrize("method", ["dann", "dan", "jan"])
 def test_baseline_trainers_train_and_change_the_weights(tmp_path: Path, method: str) -> None:
-    from daaa.trainers.baselines import train_baseline
+    from daaa.pipeline import train_baseline
+    from daaa.stages import StageRunner
 
     cfg = load_config("smoke", ["model.width=4", "data.image_size=16", "data.load_size=16", "adapt.steps=3",
                                 "adapt.batch_size=8", "adapt.eval_interval=2", "runtime.progress=false",
                                 "data.source_val_fraction=0.2"])
     src, val = split_source_validation(_tensors(30, seed=1), 0.2)
-    data = pipeline.RunData(src, _tensors(12, seed=3, shift=40), _tensors(20, seed=2, shift=40, labels=False),
-                            source_val=val)
+    data = DomainData(src, _tensors(20, seed=2, shift=40, labels=False), target_test=_tensors(12, seed=3, shift=40),
+                      source_val=val)
     source_net = pipeline.new_model(cfg, data)
     before = {k: v.clone() for k, v in source_net.state_dict().items()}
-    model, res = train_baseline(tmp_path, cfg, data, CPU, source_net, method)
+    model, res = train_baseline(StageRunner(tmp_path, CPU), cfg, data, source_net, method)
     after = model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # started from the source net and moved
     assert all(torch.isfinite(v).all() for v in after.values())
@@ -109,7 +121,7 @@ def test_baseline_trainers_train_and_change_the_weights(tmp_path: Path, method: 
         assert hist[0]["grl_coeff"] == 0.0 < hist[-1]["grl_coeff"] < 1.0  # the warm-up of the reversal
         assert "domain_accuracy" in hist[0]
     # a finished stage is reused as it is
-    _, again = train_baseline(tmp_path, cfg, data, CPU, source_net, method)
+    _, again = train_baseline(StageRunner(tmp_path, CPU), cfg, data, source_net, method)
     assert again["target_test_accuracy"] == res["target_test_accuracy"] and "resumed_from" in again
 
 
@@ -147,13 +159,57 @@ def test_tasks_rows_and_digit_data_choice(tmp_path: Path) -> None:
     assert sweeps["beta"]["rows"] == ["beta=0", "beta=1"]
 
 
+# Lines of the paper's tables as its text prints them (tabs written as \t): (experiment, row key, line, index of the
+# row's first number in the line -- Table 1 prints two tables side by side)
+PAPER_LINES = [
+    ("table1", "DANN", r"RevGrad [7]\tS+T\t81.5\tCNN\tS\t45.6", 0),
+    ("table1", "S", r"RevGrad [7]\tS+T\t81.5\tCNN\tS\t45.6", 1),
+    ("table1", "ours", r"Ours (w $\mathcal{L}^{AT}$ )\tS+T <sub>f</sub> +T+S <sub>f</sub>\t<b>95.6</b>\t"
+                       r"Ours (w $\mathcal{L}^{AT}$ )\tS+T <sub>f</sub> +T+S <sub>f</sub>\t<b>95.6</b>", 1),
+    ("table2", "JAN", r"JAN [17]\tS+T\t85.4 $\pm$ 0.3\t97.4 $\pm$ 0.2\t99.8 $\pm$ 0.2\t84.7 $\pm$ 0.3\t"
+                      r"68.6 $\pm$ 0.3\t70.0 $\pm$ 0.4\t84.3", 0),
+    ("table2", "ours", r"Ours (w $\mathcal{L}^{AT}$ )\tS+T <sub>f</sub> +T+S <sub>f</sub>\t86.8 $\pm$ 0.2\t"
+                       r"<b>99.3</b> $\pm$ 0.1\t<b>100</b> $\pm$ 0.0\t<b>88.8</b> $\pm$ 0.4\t<b>74.3</b> $\pm$ 0.2\t"
+                       r"<b>73.9</b> $\pm$ 0.2\t<b>87.2</b>", 0),
+    ("table3", "EM-A+L_AT", r"EM-A + $\mathcal{L}^{AT}$\tS+T <sub>f</sub> +T+S <sub>f</sub>\t80.4 $\pm$ 0.2\t"
+                            r"79.1 $\pm$ 0.2\t66.4 $\pm$ 0.2\t58.4 $\pm$ 0.2\t71.1", 0),
+    ("table3", "EM-B", r"EM-B\tS+T <sub>f</sub> +T+S <sub>f</sub>\t<i>very low</i>\t<i>very low</i>\t"
+                       r"<i>very low</i>\t<i>very low</i>\t<i>very low</i>", 0),
+    ("table4", "disc-mmd", r"MMD\t84.7\t84.1\t66.2\t64.5\t74.9", 0),
+    ("tableA1", "att-fm", r"FM\t86.0\t87.6\t73.2\t72.9\t79.9", 0),
+]
+
+
+def _paper_cells(line: str) -> list[tuple[float | str, float | None]]:
+    """The (mean, std) cells of a printed table line; labels and train-data cells are skipped."""
+    out = []
+    for cell in line.split(r"\t"):
+        cell = re.sub(r"</?[bi]>", "", cell).strip()
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)(?: \$\\pm\$ (\d+\.\d+))?", cell)
+        if cell == "very low":
+            out.append((cell, None))
+        elif m:
+            out.append((float(m.group(1)), float(m.group(2)) if m.group(2) else None))
+    return out
+
+
+@pytest.mark.parametrize("experiment,key,line,first", PAPER_LINES)
+def test_paper_numbers_are_the_papers(experiment: str, key: str, line: str, first: int) -> None:
+    spec = PAPER[experiment]["rows"][key]
+    stds = spec.get("std") or [None] * len(spec["mean"])
+    assert list(zip(spec["mean"], stds)) == _paper_cells(line)[first:first + len(spec["mean"])]
+    row = next(r for r in EXPERIMENTS[experiment].rows if r.key == key)  # what `daaa reproduce` prints beside ours
+    assert [row.paper[t] for t in EXPERIMENTS[experiment].tasks] == spec["mean"]
+
+
 def _fake_result(acc: float, curve: list[tuple[int, float, float]]) -> dict:
-    """A stage result as the trainers return it: curve of (step, accuracy, iwcv)."""
-    crit = [{"step": s, "target_test_accuracy": a, "iwcv": v, "snd": v} for s, a, v in curve]
+    """A stage result as the trainers return it: curve of (step, accuracy, v) with v the IWCV risk and the SND score
+    (the IWCV score is -v: the lowest risk ranks first, the highest SND does)."""
+    crit = [{"step": s, "target_test_accuracy": a, "iwcv": -v, "snd": v} for s, a, v in curve]
     best = max(curve, key=lambda c: c[1])
     return {"target_test_accuracy": acc, "oracle_best_accuracy": best[1], "oracle_best_step": best[0],
             "accuracy_curve": [[s, a] for s, a, _ in curve], "criteria_curve": crit, "seconds": 1.5,
-            "selection": summarize_selection([{"step": s, "target_test_accuracy": a, "sel_iwcv": v, "sel_snd": v}
+            "selection": summarize_selection([{"step": s, "target_test_accuracy": a, "sel_iwcv": -v, "sel_snd": v}
                                               for s, a, v in curve], ["iwcv", "snd"])["selection"]}
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 from ..config import DataConfig
 from ..errors import DataError
 from .demo import demo_pair, demo_split, export_domain, sklearn_digits
-from .domain import Domain, ImageTensors, check_same_classes, load_tensors, to_pil_mode
+from .domain import Domain, DomainData, ImageTensors, check_same_classes, load_tensors, to_pil_mode
 from .folders import IMAGE_EXTENSIONS, flat_folder, image_folder, labelled_folder
 from .mnist import (DIGIT_CLASSES, MNIST_FILES, array_domain, blend_mnistm, folder_backgrounds, make_mnistm,
                     make_mnistm_from_mnist, mnist, mnistm, packaged_backgrounds)
@@ -22,7 +22,7 @@ BUILTINS = "demo, mnist[:train|:test], mnistm[:train|:test], office31:amazon|dsl
 
 __all__ = [
     "BUILTINS", "DIGIT_CLASSES", "IMAGE_EXTENSIONS", "MNIST_FILES", "OFFICE31_CLASSES", "OFFICE31_DOMAINS", "ROLES",
-    "Domain", "ImageTensors", "Role", "array_domain", "blend_mnistm", "check_same_classes", "demo_pair",
+    "Domain", "DomainData", "ImageTensors", "Role", "array_domain", "blend_mnistm", "check_same_classes", "demo_pair",
     "demo_split", "export_domain", "flat_folder", "folder_backgrounds", "image_folder", "labelled_folder",
     "load_domain_tensors", "load_tensors", "make_mnistm", "make_mnistm_from_mnist", "mnist", "mnistm", "office31",
     "packaged_backgrounds", "resolve_domain", "sklearn_digits", "to_pil_mode",

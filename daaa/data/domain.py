@@ -74,6 +74,28 @@ class ImageTensors:
         return int(self.labels.max()) + 1
 
 
+@dataclass
+class DomainData:
+    """Everything a run trains and evaluates on, decoded.
+
+    The four streams of Sec. 3.4: ``source`` (S, labelled), ``synthetic_target`` (T_f; ``synthetic_target[i] =
+    G_ST(source[i])``), ``target`` (T, unlabelled), ``synthetic_source`` (S_f; ``synthetic_source[j] =
+    G_TS(target[j])``); plus ``target_test`` (labelled, for evaluation only) and ``source_val`` (labelled source
+    images held out of training for label-free model selection, ``data.source_val_fraction``).
+    """
+
+    source: ImageTensors
+    target: ImageTensors | None = None
+    synthetic_target: torch.Tensor | None = None
+    synthetic_source: torch.Tensor | None = None
+    target_test: ImageTensors | None = None
+    source_val: ImageTensors | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+
 def to_pil_mode(img: Image.Image, channels: int) -> Image.Image:
     """Grayscale, RGB, RGBA, palette and 16-bit images all become 'L' (channels=1) or 'RGB' (channels=3).
 

@@ -13,7 +13,6 @@ streams go through the target network in one batched forward.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,40 +22,31 @@ import torch.nn.functional as F
 from ..attention import AttentionAlignmentLoss, FeatureRecorder
 from ..batches import MixedBatch, MixedBatchSampler
 from ..config import AdaptConfig, DataConfig
-from ..data.domain import ImageTensors
+from ..data.domain import DomainData
 from ..data.transforms import prepare, train_crops
-from ..distributed import Context, unwrap
+from ..distributed import Context
 from ..em import PosteriorNetwork, confidence_mask, em_loss
 from ..errors import DaaaError
-from ..evaluate import evaluate
 from ..optim import build_optimizer, set_lr
 from ..runs import Stage
-from ..validation import summarize_selection
-from .loop import TrainingLoop, guard_finite
+from .base import Trainer
+from .loop import guard_finite
 
 LOG = logging.getLogger("daaa")
 
 
-@dataclass
-class DomainData:
-    """The four streams. ``synthetic_target[i] = G_ST(source[i])``, ``synthetic_source[j] = G_TS(target[j])``."""
+class DAAATrainer(Trainer):
+    """Trains ``target_net`` on mixed batches with Eq. 12, guided by the frozen ``source_net`` (None: no L_AT).
 
-    source: ImageTensors
-    target: ImageTensors | None = None
-    synthetic_target: torch.Tensor | None = None
-    synthetic_source: torch.Tensor | None = None
-    target_test: ImageTensors | None = None
-
-
-class DAAATrainer:
-    """Trains ``target_net`` on mixed batches with Eq. 12, guided by the frozen ``source_net`` (None: no L_AT)."""
+    :meth:`losses` holds the maths (Eq. 6, 11, 5); :meth:`step` syncs M_post, sets the learning rate and updates.
+    """
 
     def __init__(self, spec: AdaptConfig, data_cfg: DataConfig, data: DomainData, ctx: Context, stage: Stage,
                  target_net: nn.Module, source_net: nn.Module | None = None, seed: int = 0, progress: bool = True,
                  desc: str = "adapt", probe: Any = None):
         self.spec, self.data_cfg, self.data, self.ctx, self.stage = spec, data_cfg, data, ctx, stage
         self.seed, self.progress, self.desc = seed, progress, desc
-        self.probe = probe  # daaa.validation.SelectionProbe: label-free selection criteria at each evaluation
+        self.probe = probe  # daaa.selection.SelectionProbe: label-free selection criteria at each evaluation
         self.streams = set(spec.train_data.split("+"))
         self._check_inputs(source_net)
         self.net = target_net.to(ctx.device)
@@ -126,7 +116,7 @@ class DAAATrainer:
         """p_post(z | x^T) of every real target image (Eq. 8-10), recomputed only when M_post is synced."""
         images = self.data.target.images
         shard = torch.arange(self.ctx.rank, len(images), self.ctx.world_size)
-        probs = torch.zeros(len(images), self.n_classes, device=self.ctx.device)
+        probs = torch.zeros(len(images), self.data.num_classes, device=self.ctx.device)
         for i in range(0, len(shard), 512):
             idx = shard[i:i + 512]
             x = prepare(images[idx], self.data_cfg, device=self.ctx.device, channels_last=self.ctx.channels_last)
@@ -134,12 +124,9 @@ class DAAATrainer:
                 probs[idx.to(self.ctx.device)] = self.posterior_net(x)
         self.posterior_cache = self.ctx.all_reduce_sum(probs)
 
-    @property
-    def n_classes(self) -> int:
-        return len(self.data.source.classes) if self.data.source.classes else int(self.data.source.labels.max()) + 1
-
-    # ------------------------------------------------------------------ one step = Eq. 12
+    # ------------------------------------------------------------------ Eq. 12, term by term
     def _images(self, batch: MixedBatch) -> torch.Tensor:
+        """The batch's uint8 images in row order S | T_f | T | S_f."""
         d = self.data
         parts = [d.source.images[batch.source_idx]]
         parts.append(d.synthetic_target[batch.tf_idx] if len(batch.tf_idx) else parts[0][:0])
@@ -147,8 +134,83 @@ class DAAATrainer:
         parts.append(d.synthetic_source[batch.sf_idx] if len(batch.sf_idx) else parts[0][:0])
         return torch.cat(parts)
 
-    def _anchor_maps(self, batch: MixedBatch, crops: torch.Tensor | None,
-                     target_rows: torch.Tensor, src_idx: torch.Tensor, sf_idx: torch.Tensor) -> list[torch.Tensor]:
+    def losses(self, batch: MixedBatch, step: int) -> dict[str, torch.Tensor]:
+        """Eq. 12's terms on one mixed batch, each a sum over the batch's rows (Eq. 6, 11 and 5 are sums):
+
+        ``L_CE`` (Eq. 6) on S and T_f with the source labels, ``L_EM`` (Eq. 11) on T and S_f against M_post's
+        posteriors, ``L_AT`` (Eq. 5) over every aligned layer and pair; ``em_kept`` counts the EM rows kept by p_t.
+        One forward of the target network takes the four streams; the crops come from (seed, step).
+        """
+        images = self._images(batch)
+        crops = train_crops(images, self.data_cfg, self.seed, step)
+        x = prepare(images, self.data_cfg, train=True, crops=crops, device=self.ctx.device,
+                    channels_last=self.ctx.channels_last)
+        self.model.train()
+        with self.ctx.autocast():
+            logits = self.model(x).float()  # S | T_f | T | S_f
+        sl = batch.slices()
+        loss_em, kept = self.em_loss(batch, logits[sl["T"].start:sl["Sf"].stop], logits[sl["T"]])
+        return {"L_CE": self.classification_loss(batch, logits[sl["S"].start:sl["Tf"].stop]),
+                "L_EM": loss_em, "em_kept": kept, "L_AT": self.attention_loss(batch, crops)}
+
+    def classification_loss(self, batch: MixedBatch, logits: torch.Tensor) -> torch.Tensor:
+        """L_CE, Eq. 6: real source images and their translations T_f = G_ST(x^S), both with y^S."""
+        labels = torch.cat([self.data.source.labels[batch.source_idx], self.data.source.labels[batch.tf_idx]])
+        return F.cross_entropy(logits, labels.to(self.ctx.device), reduction="sum")
+
+    def em_loss(self, batch: MixedBatch, logits: torch.Tensor,
+                target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_EM, Eq. 11, on the T rows then the S_f rows (``logits``), with modification B's filter.
+        Returns (the loss, how many rows p_t kept)."""
+        zero = torch.zeros((), device=self.ctx.device)
+        # with p_t = 1 before the first sync every EM row is dropped, so no posterior is needed yet
+        has_posterior = self.posterior_cache is not None or not self.spec.async_posterior
+        if not self.uses_em or len(logits) == 0 or not has_posterior:
+            return zero, zero
+        posterior = self.posterior(batch, target_logits)
+        keep = confidence_mask(posterior, self.confidence_threshold())
+        return em_loss(logits, posterior, keep, reduction="sum"), keep.sum().float()
+
+    def posterior(self, batch: MixedBatch, target_logits: torch.Tensor) -> torch.Tensor:
+        """p_post(z | x^T) for the T rows, then for the S_f rows: an S_f row G_TS(x^T_j) takes the posterior of its
+        real target image x^T_j (Eq. 11's second sum).
+
+        Modification A: the posterior comes from M_post, synced every N steps (its posteriors of every real target
+        image are cached at each sync). The EM-A ablation (``async_posterior=False``) uses the current network's
+        prediction of this forward, detached; the S_f rows are the translations of the first T rows.
+        """
+        if self.spec.async_posterior:
+            return self.posterior_cache[torch.cat([batch.target_idx, batch.sf_idx]).to(self.ctx.device)]
+        p = F.softmax(target_logits.detach().float(), dim=1)
+        return torch.cat([p, p[: len(batch.sf_idx)]])
+
+    def confidence_threshold(self) -> float:
+        """Modification B: p_t in force (the initial threshold until the first sync); 0 keeps every row (EM-B)."""
+        if not self.spec.filtering:
+            return 0.0
+        return self.posterior_net.threshold(self.spec.confidence_threshold, self.spec.initial_confidence_threshold)
+
+    def steps_since_restart(self, step: int) -> int:
+        """Modification C: the learning-rate schedule restarts at every M_post sync (EM-C: it never restarts)."""
+        return step - self.posterior_net.last_sync_step if self.spec.restart_schedule else step
+
+    def attention_loss(self, batch: MixedBatch, crops: torch.Tensor | None) -> torch.Tensor:
+        """L_AT, Eq. 5: the four pair terms over every aligned layer, between the frozen source network's maps of
+        each pair's anchor and the target network's maps of the batch row (recorded during :meth:`losses`'
+        forward). Zero without a source network."""
+        if self.source_net is None:
+            return torch.zeros((), device=self.ctx.device)
+        target_rows, src_idx, sf_idx = batch.anchor_rows()
+        anchor_maps = self._anchor_maps(crops, target_rows, src_idx, sf_idx)
+        rows = target_rows.to(self.ctx.device)
+        with torch.set_grad_enabled(self.spec.beta > 0):  # computed and logged (Fig. 4) even when beta = 0
+            # maps of the whole batch, then the paired rows: picking rows of the small maps rather than of the
+            # conv features keeps each feature gradient one dense tensor (no scatter into zeros)
+            target_maps = [m[rows] for m in self.alignment.maps(self.target_features.features)]
+            return self.alignment.from_maps(anchor_maps, target_maps)
+
+    def _anchor_maps(self, crops: torch.Tensor | None, target_rows: torch.Tensor, src_idx: torch.Tensor,
+                     sf_idx: torch.Tensor) -> list[torch.Tensor]:
         """The source net's maps of each pair's anchor image: from the cache, or one frozen forward when the
         images are augmented (the anchor is cropped like its paired row)."""
         if self.source_maps is not None:
@@ -161,79 +223,28 @@ class DAAATrainer:
             self.source_net(x)
             return self.alignment.maps(rec.features)
 
-    def _posteriors(self, batch: MixedBatch, target_logits: torch.Tensor) -> torch.Tensor:
-        """p_post for the T rows then the S_f rows (each S_f row takes its real target image's posterior)."""
-        if self.spec.async_posterior:
-            idx = torch.cat([batch.target_idx, batch.sf_idx]).to(self.ctx.device)
-            return self.posterior_cache[idx]
-        # EM-A: the current network's own prediction, detached; S_f rows are the first T rows' translations
-        p = F.softmax(target_logits.detach().float(), dim=1)
-        return torch.cat([p, p[: len(batch.sf_idx)]])
-
+    # ------------------------------------------------------------------ one step
     def step(self, step: int) -> dict[str, Any]:
+        """Sync M_post when due (modification A), set the learning rate (C), and take one update of Eq. 12."""
         spec, ctx = self.spec, self.ctx
         if self.uses_em and self.posterior_net.due(step):
             self.posterior_net.sync(self.net, step)
             if spec.async_posterior:
                 self._refresh_posteriors()
-        since_restart = step - self.posterior_net.last_sync_step if spec.restart_schedule else step
-        lr = set_lr(self.optimizer, spec.optim, since_restart)
-
-        batch = self.sampler.batch(step)
-        sl = batch.slices()
-        images = self._images(batch)
-        crops = train_crops(images, self.data_cfg, self.seed, step)
-        x = prepare(images, self.data_cfg, train=True, crops=crops, device=ctx.device, channels_last=ctx.channels_last)
-
-        self.model.train()
-        with ctx.autocast():
-            logits = self.model(x)  # one forward for S | T_f | T | S_f
-        logits = logits.float()
-
-        # L_CE, Eq. 6: real source and synthetic target images with the source labels
-        labelled = slice(sl["S"].start, sl["Tf"].stop)
-        labels = torch.cat([self.data.source.labels[batch.source_idx], self.data.source.labels[batch.tf_idx]])
-        loss_ce = F.cross_entropy(logits[labelled], labels.to(ctx.device), reduction="sum")
-
-        # L_EM, Eq. 11: real target and synthetic source images against p_post, confident samples only
-        unlabelled = slice(sl["T"].start, sl["Sf"].stop)
-        kept = torch.zeros((), device=ctx.device)
-        loss_em = torch.zeros((), device=ctx.device)
-        # before the first sync with p_t = 1 no posterior is needed: every EM sample would be dropped
-        has_posterior = self.posterior_cache is not None or not spec.async_posterior
-        if self.uses_em and unlabelled.stop > unlabelled.start and has_posterior:
-            posterior = self._posteriors(batch, logits[sl["T"]])
-            p_t = self.posterior_net.threshold(spec.confidence_threshold, spec.initial_confidence_threshold)
-            keep = confidence_mask(posterior, p_t if spec.filtering else 0.0)
-            loss_em = em_loss(logits[unlabelled], posterior, keep, reduction="sum")
-            kept = keep.sum().float()
-
-        # L_AT, Eq. 5: the four pair terms over every aligned layer
-        loss_at = torch.zeros((), device=ctx.device)
-        if self.source_net is not None:
-            target_rows, src_idx, sf_idx = batch.anchor_rows()
-            anchor_maps = self._anchor_maps(batch, crops, target_rows, src_idx, sf_idx)
-            rows = target_rows.to(ctx.device)
-            with torch.set_grad_enabled(spec.beta > 0):
-                # maps of the whole batch, then the paired rows: picking rows of the small maps rather than of the
-                # conv features keeps each feature gradient one dense tensor (no scatter into zeros)
-                target_maps = [m[rows] for m in self.alignment.maps(self.target_features.features)]
-                loss_at = self.alignment.from_maps(anchor_maps, target_maps)
-
+        lr = set_lr(self.optimizer, spec.optim, self.steps_since_restart(step))
+        t = self.losses(self.sampler.batch(step), step)
         # Eq. 12. Sums over the global batch divided by its size (a constant factor of the paper's sums); times the
         # world size because DDP averages the ranks' gradients.
-        scale = ctx.world_size / self.global_batch
-        loss = (loss_ce + loss_em + spec.beta * loss_at) * scale
+        loss = (t["L_CE"] + t["L_EM"] + spec.beta * t["L_AT"]) * (ctx.world_size / self.global_batch)
         # the global sums come before the update: every rank sees the same values, so a NaN on one rank's shard
         # stops all ranks at the same step (no rank left waiting in backward's all-reduce)
-        sums = ctx.all_reduce_sum(torch.stack([loss_ce.detach(), loss_em.detach(), loss_at.detach(), kept]))
+        sums = ctx.all_reduce_sum(torch.stack([t[k].detach() for k in ("L_CE", "L_EM", "L_AT", "em_kept")]))
         ce, em, at, n_kept = sums.tolist()  # the step's one read-back of values (a device sync on CUDA)
         guard_finite(step, {"L_CE": ce, "L_EM": em, "L_AT": at}, self.stage)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-
         n = self.sampler.counts
         n_lab, n_unlab = n["S"] + n["Tf"], n["T"] + n["Sf"]
         return {"loss": (ce + em + spec.beta * at) / self.global_batch,
@@ -258,33 +269,7 @@ class DAAATrainer:
         if self.uses_em and self.spec.async_posterior and self.posterior_net.syncs > 0:
             self._refresh_posteriors()
 
-    def evaluate(self, step: int) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.data.target_test is not None and self.data.target_test.labels is not None:
-            out["target_test_accuracy"] = evaluate(self.net, self.data.target_test, self.data_cfg, self.ctx)["accuracy"]
-        if self.probe is not None:
-            out.update(self.probe(self.net))
-        return out
-
-    def fit(self) -> dict[str, Any]:
-        """Train for ``spec.steps`` steps (resuming from the stage's checkpoint) and return the stage result."""
-        spec = self.spec
-        if self.uses_em and spec.async_posterior and (spec.initial_confidence_threshold < 1 or not spec.filtering):
+    def before_fit(self) -> None:
+        if self.uses_em and self.spec.async_posterior and (
+                self.spec.initial_confidence_threshold < 1 or not self.spec.filtering):
             self._refresh_posteriors()  # M_post = the initial network; used before the first sync
-        loop = TrainingLoop(self.stage, self.ctx, spec.steps, spec.checkpoint_interval, spec.eval_interval,
-                            self.progress, self.desc)
-        history = loop.run(self.step, self.state, self.load_state, self.evaluate)
-        result: dict[str, Any] = {"steps": spec.steps, "resumed_from": loop.resumed_from}
-        if self.data.target_test is not None and self.data.target_test.labels is not None:
-            final = evaluate(self.net, self.data.target_test, self.data_cfg, self.ctx)
-            curve = [(r["step"], r["target_test_accuracy"]) for r in history if "target_test_accuracy" in r]
-            result.update({"target_test_accuracy": final["accuracy"], "target_test": final,
-                           "oracle_best_accuracy": max(a for _, a in curve), "oracle_best_step":
-                           max(curve, key=lambda c: c[1])[0], "accuracy_curve": curve})
-        if self.probe is not None:
-            result.update(summarize_selection(history, self.probe.criteria))
-        return result
-
-
-def trained_model_state(trainer: DAAATrainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in unwrap(trainer.model).state_dict().items()}

@@ -19,29 +19,24 @@ estimate of the global-batch MMD, not the same number.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import time
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..baselines import DomainAdversarialLoss, DomainDiscriminator, dann_coefficient, jmmd, mmd
+from ..baseline_losses import DomainAdversarialLoss, DomainDiscriminator, dann_coefficient, jmmd, mmd
 from ..batches import MixedBatchSampler
 from ..config import BaselineConfig, Config
-from ..data.domain import fingerprint
+from ..data.domain import DomainData
 from ..data.transforms import prepare, train_crops
 from ..distributed import Context
 from ..errors import DaaaError
-from ..evaluate import evaluate
 from ..optim import build_optimizer, set_lr
-from ..runs import Stage, atomic_torch_save
-from ..validation import summarize_selection
-from .adapt import DomainData
-from .loop import TrainingLoop, guard_finite
+from ..runs import Stage
+from .base import Trainer
+from .loop import guard_finite
 
 LOG = logging.getLogger("daaa")
 
@@ -85,7 +80,7 @@ def feature_dim(net: nn.Module, channels: int, image_size: int) -> int:
     return int(d)
 
 
-class BaselineTrainer:
+class BaselineTrainer(Trainer):
     """Trains ``net`` with L_CE(S) + tradeoff * L_transfer(S, T) for ``cfg.adapt.steps`` steps."""
 
     def __init__(self, method: Method, cfg: Config, bcfg: BaselineConfig, data: DomainData, ctx: Context,
@@ -98,7 +93,7 @@ class BaselineTrainer:
         if data.source.labels is None:
             raise DaaaError(f"source domain {data.source.name} has no labels")
         self.method, self.cfg, self.bcfg, self.data, self.ctx, self.stage = method, cfg, bcfg, data, ctx, stage
-        self.spec = cfg.adapt
+        self.spec, self.data_cfg = cfg.adapt, cfg.data
         self.seed, self.progress, self.desc, self.probe = seed, progress, desc or method, probe
         self.net = net.to(ctx.device)
         adversary = None
@@ -112,7 +107,7 @@ class BaselineTrainer:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.model = ctx.wrap(self.module)
         self.optimizer = build_optimizer(self.module, self.spec.optim)
-        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.amp_dtype is torch.float16)
+        self.scaler = ctx.grad_scaler()
         self.sampler = MixedBatchSampler(len(data.source), len(data.target), self.spec.batch_size, bcfg.proportions,
                                          "S+T", seed, ctx.rank, ctx.world_size)
 
@@ -164,93 +159,5 @@ class BaselineTrainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
-    def evaluate(self, step: int) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.data.target_test is not None and self.data.target_test.labels is not None:
-            out["target_test_accuracy"] = evaluate(self.net, self.data.target_test, self.cfg.data, self.ctx)["accuracy"]
-        if self.probe is not None:
-            out.update(self.probe(self.net))
-        return out
-
     def fit(self) -> dict[str, Any]:
-        spec = self.spec
-        loop = TrainingLoop(self.stage, self.ctx, spec.steps, spec.checkpoint_interval, spec.eval_interval,
-                            self.progress, self.desc)
-        history = loop.run(self.step, self.state, self.load_state, self.evaluate)
-        result: dict[str, Any] = {"steps": spec.steps, "resumed_from": loop.resumed_from, "method": self.method}
-        if self.data.target_test is not None and self.data.target_test.labels is not None:
-            final = evaluate(self.net, self.data.target_test, self.cfg.data, self.ctx)
-            curve = [(r["step"], r["target_test_accuracy"]) for r in history if "target_test_accuracy" in r]
-            best = max(curve, key=lambda c: c[1])
-            result.update({"target_test_accuracy": final["accuracy"], "target_test": final,
-                           "oracle_best_accuracy": best[1], "oracle_best_step": best[0], "accuracy_curve": curve})
-        if self.probe is not None:
-            result.update(summarize_selection(history, self.probe.criteria))
-        return result
-
-
-def baseline_key(cfg: Config, method: str, bcfg: BaselineConfig, data: Any, probe: Any) -> dict[str, Any]:
-    """What decides a baseline stage's result (see :class:`daaa.runs.Stage`)."""
-    from ..pipeline import _data_key
-
-    a = cfg.adapt
-    key: dict[str, Any] = {
-        "method": method, "baseline": dataclasses.asdict(bcfg),
-        "adapt": {"steps": a.steps, "batch_size": a.batch_size, "optim": dataclasses.asdict(a.optim),
-                  "eval_interval": a.eval_interval, "checkpoint_interval": a.checkpoint_interval},
-        "model": dataclasses.asdict(cfg.model), "data": _data_key(cfg), "seed": cfg.runtime.seed,
-        "inputs": [fingerprint(data.source.images, data.source.labels), fingerprint(data.target.images)],
-    }
-    if bcfg.init_from_source:
-        key["source"] = dataclasses.asdict(cfg.source)
-    if probe is not None:
-        key["selection"] = dataclasses.asdict(cfg.selection)
-        key["inputs"].append(fingerprint(data.source_val.images))
-    return key
-
-
-def train_baseline(run_dir: Path, cfg: Config, data: Any, ctx: Context, source_model: nn.Module | None,
-                   method: str, stage_name: str | None = None, overwrite: bool = False,
-                   changes: dict[str, Any] | None = None, desc: str | None = None) -> tuple[nn.Module, dict]:
-    """One baseline as a stage of a run folder (``RUN/<stage_name>``, default ``rows/<METHOD>``): trained once,
-    resumed from its checkpoint, reused when finished with the same key. ``data`` is a
-    :class:`daaa.pipeline.RunData`; ``changes`` override fields of ``cfg.baseline`` (e.g. ``{"tradeoff": 0.3}``).
-    Returns the trained network and the stage result (the adapt stages' fields: ``target_test_accuracy``,
-    ``oracle_best_accuracy``, ``accuracy_curve``, ``selection`` ...)."""
-    from ..pipeline import _strip, new_model, selection_probe
-
-    method = method.lower()
-    if method not in METHODS:
-        raise DaaaError(f"unknown baseline {method!r} (choose {', '.join(METHODS)})")
-    bcfg = dataclasses.replace(cfg.baseline, **(changes or {}))
-    probe = selection_probe(cfg, data, ctx)
-    stage = Stage(run_dir, stage_name or f"rows/{method.upper()}", baseline_key(cfg, method, bcfg, data, probe))
-    if overwrite:  # rank 0 removes the old stage, the others wait before they look at the folder
-        if ctx.is_main and stage.dir.exists():
-            import shutil
-            shutil.rmtree(stage.dir)
-        ctx.barrier()
-    stage.check_compatible()
-    model = new_model(cfg, data)
-    done = stage.done()
-    if done is not None:
-        model.load_state_dict(torch.load(stage.dir / "model.pt", map_location="cpu", weights_only=True))
-        LOG.info("%s: reusing the finished stage in %s", stage.name, stage.dir)
-        return model, done
-    if bcfg.init_from_source:
-        if source_model is None:
-            raise DaaaError(f"baseline {method}: baseline.init_from_source needs the source network")
-        model.load_state_dict(source_model.state_dict())
-    if ctx.is_main:
-        stage.begin()
-    t0 = time.perf_counter()
-    trainer = BaselineTrainer(method, cfg, bcfg, data.domain_data(), ctx, stage, model, cfg.runtime.seed,
-                              cfg.runtime.progress, desc or stage.name.split("/")[-1], probe)
-    result = trainer.fit()
-    result["seconds"] = time.perf_counter() - t0
-    result["train_data"] = "S+T"
-    if ctx.is_main:
-        atomic_torch_save({k: v.cpu() for k, v in model.state_dict().items()}, stage.dir / "model.pt")
-        stage.finish(_strip(result))
-    ctx.barrier()
-    return model, result
+        return {**super().fit(), "method": self.method}

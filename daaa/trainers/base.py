@@ -1,0 +1,82 @@
+"""What every trainer shares: evaluation at each interval, the label-free selection probe, and ``fit()``.
+
+A trainer defines one optimisation step (``step``) and its whole state (``state`` / ``load_state``); the loop
+(:class:`daaa.trainers.loop.TrainingLoop`) runs it with checkpoints and resume. Trainers know nothing of run folders:
+the stage folder, the finished model file and the metrics are :mod:`daaa.stages`' business.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from ..config import DataConfig
+from ..data.domain import DomainData
+from ..distributed import Context
+from ..evaluate import evaluate
+from ..runs import Stage
+from ..selection import summarize_selection
+from .loop import TrainingLoop
+
+
+class Trainer:
+    """Base of :class:`~daaa.trainers.adapt.DAAATrainer` and :class:`~daaa.trainers.baselines.BaselineTrainer`.
+
+    Subclasses set ``net`` (the classifier evaluated), ``data``, ``data_cfg``, ``ctx``, ``stage`` (where the loop
+    keeps checkpoints), ``spec`` (``steps``, ``eval_interval``, ``checkpoint_interval``), ``probe`` (a
+    :class:`daaa.selection.SelectionProbe` or None), ``progress`` and ``desc``.
+    """
+
+    net: nn.Module
+    data: DomainData
+    data_cfg: DataConfig
+    ctx: Context
+    stage: Stage
+    spec: Any
+    probe: Any = None
+    progress: bool = True
+    desc: str = "train"
+
+    def step(self, step: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        raise NotImplementedError
+
+    def load_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def before_fit(self) -> None:
+        """Set-up that depends on the starting weights (e.g. M_post's first posteriors)."""
+
+    @property
+    def has_target_labels(self) -> bool:
+        return self.data.target_test is not None and self.data.target_test.labels is not None
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """Target-test accuracy (when labelled) and the label-free selection criteria of the current network."""
+        out: dict[str, Any] = {}
+        if self.has_target_labels:
+            out["target_test_accuracy"] = evaluate(self.net, self.data.target_test, self.data_cfg, self.ctx)["accuracy"]
+        if self.probe is not None:
+            out.update(self.probe(self.net))
+        return out
+
+    def fit(self) -> dict[str, Any]:
+        """Train for ``spec.steps`` steps (resuming from the stage's checkpoint) and return the stage result:
+        final and oracle-best target-test accuracy, the accuracy curve, and each criterion's selected snapshot."""
+        self.before_fit()
+        loop = TrainingLoop(self.stage, self.ctx, self.spec.steps, self.spec.checkpoint_interval,
+                            self.spec.eval_interval, self.progress, self.desc)
+        history = loop.run(self.step, self.state, self.load_state, self.evaluate)
+        result: dict[str, Any] = {"steps": self.spec.steps, "resumed_from": loop.resumed_from}
+        if self.has_target_labels:
+            final = evaluate(self.net, self.data.target_test, self.data_cfg, self.ctx)
+            curve = [(r["step"], r["target_test_accuracy"]) for r in history if "target_test_accuracy" in r]
+            best_step, best = max(curve, key=lambda c: c[1])
+            result.update({"target_test_accuracy": final["accuracy"], "target_test": final,
+                           "oracle_best_accuracy": best, "oracle_best_step": best_step, "accuracy_curve": curve})
+        if self.probe is not None:
+            result.update(summarize_selection(history, self.probe.criteria))
+        return result
