@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import sys
 
-import torch
 import yaml
 
 from daaa import pipeline
 from daaa.config import config_from_dict
 from daaa.distributed import setup
 from daaa.evaluate import predict
+from daaa.stages import load_weights
 
 
 def main(runs: list[str]) -> None:
@@ -29,7 +29,7 @@ def main(runs: list[str]) -> None:
         light = test.images.float().mean(1).flatten(1).median(1).values > 128
         for stage in ("source", "adapt"):
             net = pipeline.new_model(cfg, data)
-            net.load_state_dict(torch.load(f"{run}/{stage}/model.pt", map_location="cpu", weights_only=True))
+            load_weights(net, f"{run}/{stage}/model.pt")
             right = predict(net, test.images, cfg.data, ctx).argmax(1) == test.labels
             print(f"{run} {stage}: light photo {right[light].float().mean():.3f} (n={int(light.sum())}), "
                   f"dark photo {right[~light].float().mean():.3f}, all {right.float().mean():.3f}")

@@ -21,6 +21,7 @@ from daaa import pipeline
 from daaa.config import config_from_dict
 from daaa.distributed import setup
 from daaa.evaluate import predict
+from daaa.stages import load_weights
 from tf_polarity import ground_truth_tf, light_background
 
 
@@ -35,7 +36,7 @@ def main(judge_run: str, runs: list[str]) -> None:
     cfg = config_from_dict(yaml.safe_load(open(f"{judge_run}/config.yaml")))
     data = pipeline.load_data(cfg, "demo", "demo", "demo")
     judge = pipeline.new_model(cfg, data)
-    judge.load_state_dict(torch.load(f"{judge_run}/adapt/model.pt", map_location="cpu", weights_only=True))
+    load_weights(judge, f"{judge_run}/adapt/model.pt")
     ctx = setup(cfg.runtime)
     source = data.source
     size = source.images.shape[-1]

@@ -126,7 +126,10 @@ class AttentionAlignmentLoss(nn.Module):
     (G_TS(x^T), G_TS(x^T)) and (G_TS(x^T), x^T) -- see :func:`daaa.batches.MixedBatch.anchor_rows`.
 
     ``discrepancy`` selects Table 4's measures: ``"l2"`` (paper), ``"l1"``, and the distribution distances
-    ``"mmd"`` (per layer) and ``"jmmd"`` (joint over layers), which ignore the pairing. ``reduction="sum"`` is
+    ``"mmd"`` (per layer, summed) and ``"jmmd"`` (joint over layers), which ignore the pairing. The paper does not
+    say how its JMMD joins the layers; JAN's product kernel at per-layer bandwidths is numerically the identity
+    matrix over ResNet-50's 52 aligned layers, so ``"jmmd"`` scales every layer's bandwidths by the number of
+    layers (:func:`daaa.baseline_losses.jmmd` with ``normalize_layers=True``). ``reduction="sum"`` is
     Eq. 5 literally; ``"mean"`` divides by the number of pairs. With ``weights`` (N,), pairs are weighted
     (e.g. 0 for rows that do not take part).
     """
@@ -169,6 +172,8 @@ class AttentionAlignmentLoss(nn.Module):
             if self.discrepancy == "mmd":
                 dist = sum(mmd(s, t) for s, t in zip(source_maps, target_maps))
             else:
-                dist = jmmd(list(source_maps), list(target_maps))
+                # the bandwidths scale with the number of layers: JAN's own product of 52 ResNet-50 layers is
+                # numerically the identity kernel (daaa.baseline_losses.jmmd)
+                dist = jmmd(list(source_maps), list(target_maps), normalize_layers=True)
             total = dist * n  # on the scale of a per-pair sum, so beta means the same across measures
         return total / max(n, 1) if self.reduction == "mean" else total

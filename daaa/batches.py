@@ -1,8 +1,9 @@
 """Mixed-domain mini-batches of real source S, synthetic target T_f, real target T, synthetic source S_f.
 
 Supplementary Sec. 1 fixes the proportions at 0.35 / 0.15 / 0.35 / 0.15. Pairs are kept together: the T_f rows of
-a batch are the translations G_ST(x^S) of its first S rows, and the S_f rows are G_TS(x^T) of its first T rows, so
-every pair term of Eq. 5 finds both of its images in the batch (or in the frozen source net's cache).
+a batch are the translations G_ST(x^S) of its first S rows, and the S_f rows are G_TS(x^T) of its first T rows. The
+anchors of Eq. 5's pair terms (x^S, G_TS(x^T)) only go through the frozen source net, so they need not be rows:
+every T row has its anchor S_f[target_idx] (:meth:`MixedBatch.anchor_rows`).
 
 Sampling is a pure function of (seed, step): each stream walks through an endless sequence of seeded
 permutations, so a resumed run draws exactly the batches of an uninterrupted one, and every DDP rank computes the
@@ -91,25 +92,31 @@ class MixedBatch:
             return n
         return 0
 
-    def anchor_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def anchor_rows(self, target_anchors: str = "all") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The pairs of Eq. 5 as (target_rows, anchor_source_idx, anchor_sf_idx).
 
         Row ``target_rows[k]`` of the batch goes through the target network; its anchor goes through the frozen
         source network: for the first ``len(anchor_source_idx)`` pairs the real source image S[anchor_source_idx],
         for the rest the synthetic source image S_f[anchor_sf_idx]. In Eq. 5's terms:
-        S rows (x^S_i, x^S_i), Tf rows (x^S_j, G_ST(x^S_j)), Sf rows (G_TS(x^T_m), G_TS(x^T_m)), and the T rows
-        paired with Sf rows (G_TS(x^T_n), x^T_n).
+        S rows (x^S_i, x^S_i), Tf rows (x^S_j, G_ST(x^S_j)), Sf rows (G_TS(x^T_m), G_TS(x^T_m)), and T rows
+        (G_TS(x^T_n), x^T_n).
+
+        Eq. 5's fourth sum runs over the real target images n, so with ``target_anchors="all"`` (the paper's reading)
+        every T row is paired with its own translation S_f[target_idx[n]], whether or not that image is a row of the
+        batch (anchors are never rows: they only go through the frozen source net), also when S_f is not trained on
+        (the ``Tf+T`` rows of Table 2). ``"paired"`` is daaa's earlier reading, kept to measure the difference: only
+        the leading T rows whose S_f is in the batch (:meth:`paired_target_rows`) take part.
         """
         sl = self.slices()
-        n_pair = self.paired_target_rows()
+        n_t = len(self.target_idx) if target_anchors == "all" else self.paired_target_rows()
         t0 = sl["T"].start
         target_rows = torch.cat([
             torch.arange(sl["S"].start, sl["Tf"].stop),
             torch.arange(sl["Sf"].start, sl["Sf"].stop),
-            torch.arange(t0, t0 + n_pair),
+            torch.arange(t0, t0 + n_t),
         ])
         anchor_source_idx = torch.cat([self.source_idx, self.tf_idx])
-        anchor_sf_idx = torch.cat([self.sf_idx, self.target_idx[:n_pair]])
+        anchor_sf_idx = torch.cat([self.sf_idx, self.target_idx[:n_t]])
         return target_rows, anchor_source_idx, anchor_sf_idx
 
 

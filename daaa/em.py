@@ -9,7 +9,8 @@
                           -sum_j sum_z p_post(z | x_j^T) log p_theta(z | G_TS(x_j^T)),
   i.e. a synthetic source image uses the posterior of its real target image.
 
-Ablations of Table 3: EM-A (``async_posterior=False``: the posterior is the current network's, detached),
+Ablations of Table 3: EM-A (``async_posterior=False``: no M_post; the posterior is the current network's, from a
+separate no-grad, eval-mode forward: :meth:`daaa.trainers.adapt.DAAATrainer.posterior`),
 EM-B (``filtering=False``), EM-C (``restart_schedule=False``, handled by the trainer's schedule).
 """
 

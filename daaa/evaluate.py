@@ -1,10 +1,9 @@
-"""Evaluation: top-1 accuracy, per-class accuracy and the confusion matrix (sharded over DDP ranks, then summed);
-and what the figures of a run folder show of its saved networks (:func:`load_network`, :func:`confusion_matrix`,
-:func:`attention_maps_of`): :mod:`daaa.figures` only draws."""
+"""Evaluation: top-1, mean per-class and per-class accuracy and the confusion matrix (sharded over DDP ranks, then
+summed); and what the figures of a run folder show of its saved networks (:func:`load_network`,
+:func:`confusion_matrix`, :func:`attention_maps_of`): :mod:`daaa.figures` only draws."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,20 +11,22 @@ import torch
 import torch.nn as nn
 
 from .config import Config, DataConfig
-from .data.domain import ImageTensors
+from .data.domain import Images, ImageTensors
+from .data.streaming import scan, take
 from .data.transforms import prepare
 from .distributed import Context
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, data_cfg: DataConfig, ctx: Context,
+def predict(model: nn.Module, images: Images, data_cfg: DataConfig, ctx: Context,
             batch_size: int = 512) -> torch.Tensor:
-    """Logits (N, K) of uint8 ``images`` on this process (no sharding), in eval mode."""
+    """Logits (N, K) of uint8 ``images`` on this process (no sharding), in eval mode; a streamed set is decoded
+    batch by batch by its DataLoader workers."""
     was_training = model.training
     model.eval()
     out = []
-    for i in range(0, images.shape[0], batch_size):
-        x = prepare(images[i:i + batch_size], data_cfg, train=False, device=ctx.device, channels_last=ctx.channels_last)
+    for _, batch in scan(images, batch_size):
+        x = prepare(batch, data_cfg, train=False, device=ctx.device, channels_last=ctx.channels_last)
         with ctx.autocast():
             out.append(model(x).float().cpu())
     model.train(was_training)
@@ -39,7 +40,7 @@ def _confusion(model: nn.Module, data: ImageTensors, data_cfg: DataConfig, ctx: 
         raise ValueError(f"domain {data.name} has no labels to evaluate against")
     k = data.num_classes
     shard = torch.arange(ctx.rank, len(data), ctx.world_size)
-    pred = predict(model, data.images[shard], data_cfg, ctx, batch_size).argmax(dim=1)
+    pred = predict(model, take(data.images, shard), data_cfg, ctx, batch_size).argmax(dim=1)
     confusion = torch.zeros(k, k, dtype=torch.long)
     confusion.index_put_((data.labels[shard], pred), torch.ones_like(pred), accumulate=True)
     return ctx.all_reduce_sum(confusion).cpu()
@@ -60,18 +61,12 @@ def confusion_matrix(net: nn.Module, domain: ImageTensors, data_cfg: DataConfig,
 
 
 def load_network(cfg: Config, num_classes: int, path: str | Path) -> nn.Module:
-    """The network of ``cfg`` with the weights of a run's ``model.pt``, in eval mode on the CPU."""
-    from .models import build_model
+    """The network of a run's ``model.pt``, in eval mode on the CPU: as the file describes it, or as ``cfg`` and
+    ``num_classes`` do for a bare state dict (daaa 0.1's). Built without storage, it takes the file's tensors: no
+    ImageNet weights fetched, no initialisation (:func:`daaa.models.network_from_info`)."""
+    from .models import load_model_file, model_info
 
-    # the weights come from the file: never fetch ImageNet weights nor initialise (ResNet-50: a second) just to
-    # overwrite them -- the network is built without storage and takes the file's tensors (memory-mapped)
-    with torch.device("meta"):
-        net = build_model(dataclasses.replace(cfg.model, pretrained="none"), num_classes, cfg.data.channels,
-                          cfg.data.image_size)
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True), assign=True)
-    if any(t.is_meta for t in (*net.parameters(), *net.buffers())):  # a tensor the file does not hold
-        raise ValueError(f"{path}: does not hold every tensor of the network")
-    return net.eval()
+    return load_model_file(path, model_info(cfg, None, num_classes))[0]
 
 
 @torch.no_grad()
@@ -90,14 +85,20 @@ def attention_maps_of(net: nn.Module, images: torch.Tensor, layers: Sequence[str
 
 
 def metrics_from_confusion(confusion: torch.Tensor, classes: list[str] | None) -> dict[str, Any]:
-    """Rows are true classes, columns predictions."""
+    """Rows are true classes, columns predictions.
+
+    ``mean_class_accuracy`` is the mean of the per-class accuracies over the classes that have test images (the
+    figure VisDA-2017 results are quoted in): unlike top-1 it weighs a rare class as much as a frequent one.
+    """
     total = int(confusion.sum())
     correct = int(confusion.diag().sum())
     support = confusion.sum(dim=1)
     names = classes or [str(i) for i in range(confusion.shape[0])]
     per_class = {n: (float(confusion[i, i]) / int(support[i]) if support[i] else None) for i, n in enumerate(names)}
+    present = [v for v in per_class.values() if v is not None]
     return {
         "accuracy": correct / total if total else 0.0,
+        "mean_class_accuracy": sum(present) / len(present) if present else 0.0,
         "num_samples": total,
         "per_class_accuracy": per_class,
         "confusion_matrix": confusion.tolist(),
@@ -106,10 +107,13 @@ def metrics_from_confusion(confusion: torch.Tensor, classes: list[str] | None) -
 
 
 def format_report(metrics: dict[str, Any], title: str = "") -> str:
-    """Text form of :func:`evaluate`'s result: accuracy, per-class accuracy, confusion matrix."""
+    """Text form of :func:`evaluate`'s result: accuracy, mean per-class accuracy, per-class accuracy, confusion
+    matrix."""
     names = metrics["classes"]
-    lines = [f"{title}top-1 accuracy: {metrics['accuracy'] * 100:.2f}% ({metrics['num_samples']} images)", "",
-             "per-class accuracy:"]
+    present = sum(v is not None for v in metrics["per_class_accuracy"].values())
+    lines = [f"{title}top-1 accuracy: {metrics['accuracy'] * 100:.2f}% ({metrics['num_samples']} images)",
+             f"mean per-class accuracy: {metrics['mean_class_accuracy'] * 100:.2f}% (over the {present} classes "
+             "with test images)", "", "per-class accuracy:"]
     for n in names:
         v = metrics["per_class_accuracy"][n]
         lines.append(f"  {n:>20s}  {'-' if v is None else f'{v * 100:6.2f}%'}")

@@ -7,6 +7,8 @@ confusion matrices) and gathered from the folder by :mod:`daaa.run_figures`.
 
 from __future__ import annotations
 
+import io
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,13 +19,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 
+from .runs import atomic_write_bytes  # noqa: E402
+
 
 def _save(fig, path: str | Path, dpi: int = 100) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    """Write the PNG atomically: a full disk or a kill leaves the previous figure or none, never a torn one
+    (figures that exist are not redrawn)."""
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():  # class names in scripts the font lacks are drawn as boxes, not warned
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getbuffer())
+    return Path(path)
 
 
 def _show(ax, img: torch.Tensor) -> None:

@@ -28,6 +28,7 @@ import yaml
 
 from .errors import DaaaError
 from .figures import FIGURE_FILES
+from .pairing_quality import report_blocks as pairing_blocks
 from .run_figures import make_run_figures, stage_result
 from .runs import atomic_write_text, read_json_or
 
@@ -81,7 +82,8 @@ def config_summary(run: Path) -> list[tuple[str, str]]:
             ("seed", str(g("runtime", "seed"))), ("network", str(model)),
             ("image size", f"{g('data', 'image_size')} px, {g('data', 'channels')} channel(s)"),
             ("CycleGAN", f"{g('cyclegan', 'steps')} steps, batch {g('cyclegan', 'batch_size')}, "
-                         f"ngf {g('cyclegan', 'ngf')}, {g('cyclegan', 'n_blocks')} blocks"),
+                         f"ngf {g('cyclegan', 'ngf')}, {g('cyclegan', 'n_blocks')} blocks, "
+                         f"lambda_semantic {g('cyclegan', 'lambda_semantic', 0.0)}"),
             ("source network", f"{g('source', 'steps')} steps, batch {g('source', 'batch_size')}"),
             ("adapt (Eq. 12)", f"{g('adapt', 'steps')} steps, batch {g('adapt', 'batch_size')}, "
                                f"data {g('adapt', 'train_data')}"),
@@ -95,27 +97,27 @@ def config_summary(run: Path) -> list[tuple[str, str]]:
     return rows
 
 
+def _metrics_row(method: str, stage: str, result: dict, fallback: dict, seconds: Any) -> list[str]:
+    def get(key: str) -> Any:
+        return result.get(key, fallback.get(key))
+
+    return [method, stage, _pct(get("target_test_accuracy")), _pct(get("target_test_mean_class_accuracy")),
+            _pct(get("oracle_best_accuracy")), _secs(result.get("seconds", seconds))]
+
+
 def metrics_rows(run: Path) -> list[list[str]]:
-    """[method, stage folder, target-test accuracy, best during training (oracle), seconds] per trained network."""
+    """[method, stage folder, target-test accuracy, mean per-class accuracy (VisDA's figure), best during training
+    (oracle), seconds] per trained network: the stage's record, else what RUN/metrics.json keeps."""
     metrics = read_json_or(run / "metrics.json", {})
     seconds = metrics.get("seconds", {}) if isinstance(metrics, dict) else {}
     rows = []
-    src = stage_result(run, "source")
-    if src or "source_only" in metrics:
-        acc = src.get("target_test_accuracy", metrics.get("source_only", {}).get("target_test_accuracy"))
-        rows.append(["source only (S)", "source", _pct(acc), _pct(src.get("oracle_best_accuracy")),
-                     _secs(src.get("seconds", seconds.get("source")))])
-    ad = stage_result(run, "adapt")
-    if ad or "daaa" in metrics:
-        d = metrics.get("daaa", {})
-        rows.append(["DAAA (ours)", "adapt", _pct(ad.get("target_test_accuracy", d.get("target_test_accuracy"))),
-                     _pct(ad.get("oracle_best_accuracy", d.get("oracle_best_accuracy"))),
-                     _secs(ad.get("seconds", seconds.get("adapt")))])
+    for method, stage, section in (("source only (S)", "source", "source_only"), ("DAAA (ours)", "adapt", "daaa")):
+        result = stage_result(run, stage)
+        if result or section in metrics:
+            rows.append(_metrics_row(method, stage, result, metrics.get(section, {}), seconds.get(stage)))
     for rec in sorted((run / "rows").glob("**/stage.json")):
         name = str(rec.parent.relative_to(run / "rows"))
-        r = stage_result(run, f"rows/{name}")
-        rows.append([name, f"rows/{name}", _pct(r.get("target_test_accuracy")), _pct(r.get("oracle_best_accuracy")),
-                     _secs(r.get("seconds"))])
+        rows.append(_metrics_row(name, f"rows/{name}", stage_result(run, f"rows/{name}"), {}, None))
     return rows
 
 
@@ -175,7 +177,9 @@ def run_blocks(run: Path, spare: Path | None = None) -> list[Block]:
     rows = metrics_rows(run)
     if rows:
         blocks += [("h", 3, "target-test accuracy"),
-                   ("table", ["method", "stage", "final", "best during training (oracle)", "seconds"], rows)]
+                   ("table", ["method", "stage", "final", "final, mean per class", "best during training (oracle)",
+                              "seconds"], rows)]
+    blocks += pairing_blocks(run)  # RUN/translate/quality.json: do the pairs keep the content?
     secs = seconds_rows(run)
     if secs:
         blocks += [("h", 3, "seconds per stage"), ("table", ["stage", "seconds"], secs)]
@@ -311,12 +315,19 @@ def render_html(blocks: list[Block]) -> str:
     return "\n".join(parts) + "\n"
 
 
+REPORT_SUFFIXES = (".md", ".markdown", ".html", ".htm")
+
+
 def write_report(runs: list[str | Path], out: str | Path | None = None) -> Path:
-    """Write the report of ``runs`` to ``out`` (HTML for .html/.htm, else Markdown); default: RUN/report.md for
-    one run, ./report.md for several. Returns the path written."""
+    """Write the report of ``runs`` to ``out`` (HTML for .html/.htm, Markdown for .md/.markdown; any other
+    extension is refused before anything is written); default: RUN/report.md for one run, ./report.md for several.
+    Returns the path written."""
     paths = [Path(r).expanduser() for r in runs]
     if not paths:
         raise DaaaError("daaa report: give at least one run folder")
+    if out is not None and Path(out).suffix.lower() not in REPORT_SUFFIXES:
+        raise DaaaError(f"--out {out}: a report is Markdown or HTML; name it FILE.md or FILE.html "
+                        f"(got {Path(out).suffix or 'no extension'})")
     for p in paths:
         if not p.is_dir():
             raise DaaaError(f"{p}: not a run folder (no such directory)")

@@ -4,7 +4,11 @@ paper's numbers beside ours, label-free model selection, and the data and time i
 Experiments (:data:`EXPERIMENTS`): ``table1`` (MNIST -> MNIST-M, Table 1 + DANN/JAN), ``table2`` (Office-31, six
 tasks, Table 2 + DANN/JAN), ``table3`` (EM variants A/B/C with and without L_AT), ``table4`` (attention discrepancy
 L1/MMD/JMMD/L2), ``tableA1`` (attention kinds L1/Linf/FM/ours), ``figA1`` (sweeps of p_t and beta on D -> A; beta
-chosen by the primary label-free criterion).
+chosen by the primary label-free criterion). ``table1`` also has the target-supervised upper bound (``T-sup``).
+
+Beta by validation (Supplementary Sec. 1, Office-31): in ``table2``/``table3``/``table4``/``tableA1`` every row with
+L_AT is trained at each beta of ``--beta-grid`` and keeps, per task and seed, the beta whose final network the
+primary label-free criterion ranks best (:func:`_validated_row`); ``--set adapt.beta=X`` fixes beta instead.
 
 Layout. Run folders are ``RUNS/<task>/seed<k>/`` (``RUNS`` = ``--runs``, default ``--out``): one CycleGAN translation
 and one source network per (task, seed), shared by every row, each row a stage ``rows/<key>`` (see
@@ -28,8 +32,11 @@ Outputs in ``--out``: ``results.md`` (tables in %), ``results.csv`` (long format
       "data": {task id: {"source", "target", "target_test": spec, "description": str,
                          "n_source", "n_source_val", "n_target", "n_target_test": int}},
       "rows": [{
-        "key": str, "label": str, "train_data": str, "kind": "source" | "variant" | "baseline",
+        "key": str, "label": str, "train_data": str,
+        "kind": "source" | "variant" | "baseline" | "target_supervised",
         "variant": str, "changes": {field: value},          # run_variant's name and extra AdaptConfig/BaselineConfig changes
+        "budget": {"init": "initial weights" | "source network", "steps": int, "batch_size": int},
+        "beta_validated": bool,                             # its beta chosen over the grid (rows with L_AT)
         "paper": {task id | "average": fraction | "very low" | null}, "paper_std": {task id: fraction | null},
         "results": {task id | "average": {                  # accuracies are fractions in [0, 1]
             "final":  {"mean", "std", "n", "values": [per seed]},   # last step
@@ -37,8 +44,11 @@ Outputs in ``--out``: ``results.md`` (tables in %), ``results.csv`` (long format
             "selected": {criterion: {..., "steps": [per seed]}},    # snapshot picked by the criterion
             "seeds": [{"seed", "final", "oracle", "oracle_step",
                        "selected": {criterion: {"step", "accuracy", "value"}}, "seconds", "run_dir", "stage",
-                       "curve": [[step, acc]], "criteria_curve": [{"step", "target_test_accuracy", criterion: value}]}]
+                       "curve": [[step, acc]], "criteria_curve": [{"step", "target_test_accuracy", criterion: value}],
+                       "beta": float | null, "beta_chosen_by": criterion | null,   # the row's (chosen) beta
+                       "beta_grid": [{"beta", "stage", "final", criterion: final score}] | null}]
         }}}],                                               # "average": per seed the mean over tasks, then mean/std
+      "beta": {"grid": [float] | null, "configured": float, "criterion": str},   # null grid: beta fixed
       "sweeps": {                                           # figA1 only
         "p_t" | "beta": {"param": "adapt.confidence_threshold" | "adapt.beta", "task": task id,
                          "values": [float], "rows": [row key],
@@ -63,7 +73,7 @@ import functools
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -161,8 +171,9 @@ def task_data(task: Task, cfg: Config, digits_data: str = "auto") -> dict[str, s
 
 @dataclass(frozen=True)
 class Row:
-    """One table row: ``variant`` is ``"S"`` (the source network), a name of :data:`daaa.pipeline.VARIANTS` or
-    :data:`daaa.pipeline.BASELINE_VARIANTS`; ``changes`` are extra AdaptConfig (BaselineConfig) field values."""
+    """One table row: ``variant`` is ``"S"`` (the source network), ``"T-sup"`` (the target-supervised upper bound),
+    a name of :data:`daaa.pipeline.VARIANTS` or :data:`daaa.pipeline.BASELINE_VARIANTS`; ``changes`` are extra
+    AdaptConfig (BaselineConfig) field values."""
 
     key: str
     label: str
@@ -176,15 +187,20 @@ class Row:
     def kind(self) -> str:
         from .pipeline import BASELINE_VARIANTS
 
-        return "source" if self.variant == "S" else "baseline" if self.variant in BASELINE_VARIANTS else "variant"
+        if self.variant in ("S", TARGET_SUPERVISED):
+            return "source" if self.variant == "S" else "target_supervised"
+        return "baseline" if self.variant in BASELINE_VARIANTS else "variant"
 
 
 ALL_DATA = "S+T_f+T+S_f"
+#: the upper bound (the network of Fig. 1(c)): trained on labelled target images, see :func:`labelled_target`
+TARGET_SUPERVISED = "T-sup"
 #: what each row key trains: (train data, variant, extra AdaptConfig / BaselineConfig values)
 ROW_TRAINING: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "S": ("S", "S", {}), "Tf": ("T_f", "Tf", {}), "S+Tf": ("S+T_f", "S+Tf", {}),
+    "S": ("S", "S", {}), TARGET_SUPERVISED: ("T (labelled)", TARGET_SUPERVISED, {}),
+    "Tf": ("T_f", "Tf", {}), "S+Tf": ("S+T_f", "S+Tf", {}),
     "S+Tf+L_AT": ("S+T_f", "S+Tf+L_AT", {}), "Tf+T": ("T_f+T", "Tf+T", {}), "Tf+T+L_AT": ("T_f+T", "Tf+T+L_AT", {}),
-    **{k: ("S+T", k, {}) for k in ("DAN", "DANN", "JAN")},
+    **{k: ("S+T", k, {}) for k in ("DAN", "DANN", "JAN", "JAN-A")},
     **{k: (ALL_DATA, k, {}) for k in ("ours", "ours-without-L_AT", "EM-A", "EM-A+L_AT", "EM-B", "EM-B+L_AT", "EM-C",
                                       "EM-C+L_AT")},
     **{f"disc-{d}": (ALL_DATA, "ours", {"discrepancy": d}) for d in ("l1", "mmd", "jmmd")},
@@ -215,11 +231,16 @@ def paper_rows(experiment: str) -> list[Row]:
 
 #: extra rows any experiment accepts by name in --rows (not in a paper table)
 EXTRA_ROWS = {k: _row(k, label) for k, label in {
-    "DAN": "DAN (ours)", "DANN": "RevGrad / DANN (ours)", "JAN": "JAN (ours)", "S": "source only",
+    "DAN": "DAN (ours)", "DANN": "RevGrad / DANN (ours)", "JAN": "JAN (ours)", "JAN-A": "JAN-A (ours)",
+    "S": "source only",
+    TARGET_SUPERVISED: "target supervised (upper bound)",
     "ours": "Ours (w L_AT)", "ours-without-L_AT": "Ours (wo L_AT)"}.items()}
 
 DEFAULT_PT_VALUES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
 DEFAULT_BETA_VALUES = [0.0, 0.1, 0.3, 1.0, 3.0, 10.0]
+#: beta of every L_AT row chosen over this grid by the primary label-free criterion (--beta-grid), for the
+#: experiments whose beta the paper chose by validation (``beta_by_validation`` in paper_results.yaml)
+DEFAULT_BETA_GRID = [0.3, 1.0, 3.0]
 
 
 @dataclass(frozen=True)
@@ -231,6 +252,7 @@ class Experiment:
     rows: list[Row]
     note: str = ""
     reference: dict[str, float] = field(default_factory=dict)  # percent
+    beta_by_validation: bool = False  # Supp. Sec. 1: Office-31's beta chosen "through validation" (JAN's protocol)
 
     @property
     def default_preset(self) -> str:
@@ -242,7 +264,8 @@ def _experiment(name: str) -> Experiment:
     Office-31) picks the default preset."""
     table = PAPER[name]
     return Experiment(name, table["title"], TASKS[table["tasks"][0]].kind, list(table["tasks"]), paper_rows(name),
-                      table.get("note", ""), {k: float(v) for k, v in (table.get("reference") or {}).items()})
+                      table.get("note", ""), {k: float(v) for k, v in (table.get("reference") or {}).items()},
+                      bool(table.get("beta_by_validation", False)))
 
 
 EXPERIMENTS: dict[str, Experiment] = {name: _experiment(name) for name in PAPER}
@@ -299,11 +322,56 @@ def stage_name(row: Row, cfg: Config) -> str:
     return f"rows/{row.key}"
 
 
+def uses_attention(row: Row, cfg: Config) -> bool:
+    """Whether ``row`` trains with L_AT at the configured beta (a DAAA variant whose beta the row does not fix)."""
+    from .pipeline import variant_spec
+
+    return row.kind == "variant" and "beta" not in row.changes and variant_spec(cfg, row.variant, row.changes).beta > 0
+
+
+def grid_stage_name(row: Row, beta: float, cfg: Config) -> str:
+    """The stage of ``row`` trained at ``beta``: the row's own at the configured beta; else ``rows/<key>@beta=<b>``,
+    or for ``ours`` figA1's ``rows/beta=<b>`` (the same training, shared when both use the same --runs)."""
+    if beta == cfg.adapt.beta:
+        return stage_name(row, cfg)
+    if row.variant == "ours" and not row.changes:
+        return f"rows/beta={beta:g}"
+    return f"rows/{row.key}@beta={beta:g}"
+
+
+def final_criterion(record: dict[str, Any], criterion: str) -> float | None:
+    """A label-free criterion's score of a stage's (or seed record's) final network: its last evaluation."""
+    curve = record.get("criteria_curve") or []
+    return curve[-1].get(criterion) if curve else None
+
+
+def _validated_row(runner: Any, cfg: Config, data: Any, source_model: Any, row: Row, grid: Sequence[float],
+                   count: Callable[[str, Any], None]) -> tuple[dict[str, Any], str]:
+    """``row`` trained at every beta of ``grid``: (the stage result, stage name) of the beta whose final network the
+    primary label-free criterion ranks best -- Supp. Sec. 1 chooses beta "through validation following the same
+    protocol as JAN", i.e. IWCV -- with every candidate listed in the result's ``beta_grid``."""
+    from . import pipeline
+
+    c = cfg.selection.primary
+    tried = []
+    for beta in grid:
+        name = grid_stage_name(row, beta, cfg)
+        res = pipeline.run_variant(runner, cfg, data, source_model, row.variant, {**row.changes, "beta": beta},
+                                   stage_name=name)
+        count(name, res.get("seconds"))
+        tried.append((res, name, {"beta": beta, "stage": name, "final": res.get("target_test_accuracy"),
+                                  c: final_criterion(res, c)}))
+    j = pick([t[2] for t in tried], c)
+    res, name, _ = tried[0 if j is None else j]  # no finite score anywhere (all diverged): the first value
+    return {**res, "beta_grid": [t[2] for t in tried], "beta_chosen_by": c if j is not None else None}, name
+
+
 def _seed_record(res: dict[str, Any], seed: int, run_dir: Path, stage: str) -> dict[str, Any]:
     return {"seed": seed, "final": res.get("target_test_accuracy"), "oracle": res.get("oracle_best_accuracy"),
             "oracle_step": res.get("oracle_best_step"), "selected": res.get("selection", {}),
             "seconds": res.get("seconds"), "run_dir": str(run_dir), "stage": stage,
-            "curve": res.get("accuracy_curve"), "criteria_curve": res.get("criteria_curve")}
+            "curve": res.get("accuracy_curve"), "criteria_curve": res.get("criteria_curve"),
+            "beta": res.get("beta"), "beta_grid": res.get("beta_grid"), "beta_chosen_by": res.get("beta_chosen_by")}
 
 
 def _translate_seconds(run_dir: Path) -> float:
@@ -334,6 +402,60 @@ def _plan(exp: Experiment, cfg: Config, task_ids: Sequence[str], rows: Sequence[
     return sweep_rows(cfg, task_ids, pt_values or DEFAULT_PT_VALUES, beta_values or DEFAULT_BETA_VALUES)
 
 
+def _check_options(exp: Experiment, cfg: Config, rows: Sequence[Row], task_ids: Sequence[str],
+                   beta_grid: Sequence[float] | None) -> list[float] | None:
+    """The beta grid to search (None: adapt.beta as configured), once it and the rows' data needs are checked."""
+    grid = [float(v) for v in beta_grid] if beta_grid else None
+    if grid is not None:
+        if exp.name == "figA1":
+            raise DaaaError("--beta-grid: figA1 sweeps beta itself (use --beta-values)")
+        if min(grid) < 0:
+            raise DaaaError(f"--beta-grid: {min(grid):g} is negative (beta must be >= 0)")
+        if cfg.data.source_val_fraction <= 0:
+            raise DaaaError("--beta-grid: choosing beta needs the label-free criterion's held-out source split "
+                            "(data.source_val_fraction > 0)")
+    office = [TASKS[t].label for t in task_ids if TASKS[t].kind == "office31"]
+    if office and any(r.kind == "target_supervised" for r in rows):
+        raise DaaaError(f"--rows {TARGET_SUPERVISED}: on {', '.join(office)} the target's training images are its "
+                        "test images (the Office-31 protocol), so a network trained on their labels would be tested "
+                        "on its own training images; the row needs a separate labelled target training set "
+                        "(e.g. MNIST-M train for table1)")
+    return grid
+
+
+def labelled_target(cfg: Config, target: str, data: Any) -> Any:
+    """The target training images (``--target``) with the labels that every other row withholds (kept aside as
+    ``hidden_labels`` by :func:`daaa.data.resolve_domain`), for the target-supervised row only. Refused when they have
+    no labels, share an image with the target test set, or name other classes than the source."""
+    from .data import resolve_domain
+    from .data.domain import load_tensors
+
+    dom = resolve_domain(target, "target", cfg.data)
+    labels = dom.info.get("hidden_labels")
+    what = f"--rows {TARGET_SUPERVISED}: the target training data {target}"
+    if labels is None:
+        raise DaaaError(f"{what} has no labels")
+    if data.target_test is not None and set(dom.ids) & set(data.target_test.ids):
+        raise DaaaError(f"{what} shares images with --target-test: training on their labels would test on them")
+    if dom.classes != data.source.classes:
+        raise DaaaError(f"{what} names other classes than the source")
+    d = cfg.data
+    return load_tensors(replace(dom, name=f"{dom.name}:labelled", labels=list(labels)), d.load_size,
+                        d.channels, d.skip_corrupt)
+
+
+def _seed_folder(cfg: Config, runs_dir: Path, task_id: str, seed: int, ctx: Context) -> tuple[Config, Path]:
+    """The configuration of one seed and its run folder (made, with its config.yaml, by rank 0)."""
+    scfg = copy.deepcopy(cfg)
+    scfg.runtime.seed = seed
+    run_dir = runs_dir / task_id / f"seed{seed}"
+    if ctx.is_main:
+        prepare_run_dir(run_dir)
+        save_config(run_dir, scfg.to_dict())
+    ctx.barrier()
+    return scfg, run_dir
+
+
 def _data_summary(spec: dict[str, str], data: Any) -> dict[str, Any]:
     """results.json's "data" entry of a task: its domain specs and how many images each part has."""
     def n(domain: Any) -> int:
@@ -344,9 +466,12 @@ def _data_summary(spec: dict[str, str], data: Any) -> dict[str, Any]:
 
 
 def _run_seed(runner: Any, cfg: Config, data: Any, rows: Sequence[Row], translate: bool,
-              count: Callable[[str, Any], None]) -> list[tuple[Row, dict[str, Any], str]]:
+              count: Callable[[str, Any], None], beta_grid: Sequence[float] | None = None,
+              labelled: Any = None) -> list[tuple[Row, dict[str, Any], str]]:
     """The translation, the source network and every row in one run folder (finished stages are reused):
-    (row, stage result, stage name) per row; ``count(stage, seconds)`` adds a stage's recorded seconds."""
+    (row, stage result, stage name) per row; ``count(stage, seconds)`` adds a stage's recorded seconds. With
+    ``beta_grid`` every L_AT row's beta is chosen over it (:func:`_validated_row`); ``labelled`` is the labelled
+    target training set of the target-supervised row."""
     from . import pipeline
 
     if translate:
@@ -359,9 +484,15 @@ def _run_seed(runner: Any, cfg: Config, data: Any, rows: Sequence[Row], translat
         if row.kind == "source":
             out.append((row, src_res, "source"))
             continue
+        if beta_grid and uses_attention(row, cfg):
+            out.append((row, *_validated_row(runner, cfg, data, source_model, row, beta_grid, count)))
+            continue
         name = stage_name(row, cfg)
-        res = pipeline.run_variant(runner, cfg, data, source_model, row.variant, dict(row.changes) or None,
-                                   stage_name=name)
+        if row.kind == "target_supervised":
+            res = pipeline.train_target_supervised(runner, cfg, data, labelled, name)
+        else:
+            res = pipeline.run_variant(runner, cfg, data, source_model, row.variant, dict(row.changes) or None,
+                                       stage_name=name)
         count(name, res.get("seconds"))
         out.append((row, res, name))
     return out
@@ -371,10 +502,11 @@ def reproduce(experiment: str, cfg: Config, ctx: Context, out: str | Path, seeds
               tasks: Sequence[str] | None = None, rows: Sequence[str] | None = None, runs: str | Path | None = None,
               digits_data: str = "auto", pt_values: Sequence[float] | None = None,
               beta_values: Sequence[float] | None = None, overwrite: bool = False,
-              overrides: Sequence[str] = ()) -> dict[str, Any]:
+              overrides: Sequence[str] = (), beta_grid: Sequence[float] | None = None) -> dict[str, Any]:
     """Run every row of ``experiment`` for every task and seed (finished rows are reused) and write
     ``out/results.{md,csv,json}``; returns results.json's content. ``cfg`` is the resolved configuration (with
-    ``data.source_val_fraction`` already decided by the caller)."""
+    ``data.source_val_fraction`` already decided by the caller). With ``beta_grid`` the beta of every L_AT row is
+    chosen per task and seed over these values by the primary label-free criterion (:func:`_validated_row`)."""
     from .stages import StageRunner
 
     if experiment not in EXPERIMENTS:
@@ -384,6 +516,8 @@ def reproduce(experiment: str, cfg: Config, ctx: Context, out: str | Path, seeds
     exp = EXPERIMENTS[experiment]
     task_ids = list(tasks) if tasks else list(exp.tasks)
     row_list, sweeps = _plan(exp, cfg, task_ids, rows, pt_values, beta_values)
+    grid = _check_options(exp, cfg, row_list, task_ids, beta_grid)
+    supervised = any(r.kind == "target_supervised" for r in row_list)
     out_dir = prepare_run_dir(out) if ctx.is_main else Path(out)
     runs_dir = Path(runs).expanduser() if runs else out_dir
     ctx.barrier()
@@ -403,7 +537,7 @@ def reproduce(experiment: str, cfg: Config, ctx: Context, out: str | Path, seeds
 
     def write(final: bool) -> dict[str, Any]:
         res = build_results(exp, row_list, task_ids, seed_list, state, cfg, sweeps, overrides,
-                            time.perf_counter() - t0, started, out_dir, runs_dir, final)
+                            time.perf_counter() - t0, started, out_dir, runs_dir, final, grid)
         if ctx.is_main:
             write_results(out_dir, res)
         return res
@@ -411,18 +545,13 @@ def reproduce(experiment: str, cfg: Config, ctx: Context, out: str | Path, seeds
     for task_id in task_ids:
         spec = task_data(TASKS[task_id], cfg, digits_data)
         data = _load_data(cfg, spec, ctx)
+        labelled = labelled_target(cfg, spec["target"], data) if supervised else None
         state["data"][task_id] = _data_summary(spec, data)
         for seed in seed_list:
-            scfg = copy.deepcopy(cfg)
-            scfg.runtime.seed = seed
-            run_dir = runs_dir / task_id / f"seed{seed}"
-            if ctx.is_main:
-                prepare_run_dir(run_dir)
-                save_config(run_dir, scfg.to_dict())
-            ctx.barrier()
+            scfg, run_dir = _seed_folder(cfg, runs_dir, task_id, seed, ctx)
             LOG.info("reproduce %s: task %s, seed %d in %s", experiment, task_id, seed, run_dir)
             done = _run_seed(StageRunner(run_dir, ctx, overwrite), scfg, data, row_list, needs_translation,
-                             functools.partial(count, task_id, run_dir))
+                             functools.partial(count, task_id, run_dir), grid, labelled)
             for row, res, name in done:
                 state["records"][row.key][task_id].append(_seed_record(res, seed, run_dir, name))
             write(final=False)  # partial results after every (task, seed)
@@ -498,10 +627,8 @@ def _sweep_summary(sweep: dict[str, Any], rows_out: dict[str, dict[str, Any]], s
         for i, seed in enumerate(seeds):
             cands = []
             for v, cell in zip(sweep["values"], cells):
-                rec = next((r for r in cell["seeds"] if r["seed"] == seed), None)
-                curve = (rec or {}).get("criteria_curve") or []
-                last = curve[-1] if curve else {}
-                cands.append({"value": v, "accuracy": (rec or {}).get("final"), "criterion_value": last.get(c)})
+                rec = next((r for r in cell["seeds"] if r["seed"] == seed), None) or {}
+                cands.append({"value": v, "accuracy": rec.get("final"), "criterion_value": final_criterion(rec, c)})
             j = pick(cands, c, "criterion_value")
             if j is not None:
                 per_seed.append({"seed": seed, **cands[j]})
@@ -513,9 +640,21 @@ def _sweep_summary(sweep: dict[str, Any], rows_out: dict[str, dict[str, Any]], s
     return out
 
 
+def row_budget(row: Row, cfg: Config) -> dict[str, Any]:
+    """What a row trains: from which weights, for how many steps of which batch (:data:`daaa.pipeline.VARIANTS`)."""
+    from .pipeline import VARIANTS
+
+    if row.kind in ("source", "target_supervised") or VARIANTS.get(row.variant, {}).get("from_scratch"):
+        return {"init": "initial weights", "steps": cfg.source.steps, "batch_size": cfg.source.batch_size}
+    scratch = row.kind == "baseline" and not cfg.baseline.init_from_source
+    return {"init": "initial weights" if scratch else "source network", "steps": cfg.adapt.steps,
+            "batch_size": cfg.adapt.batch_size}
+
+
 def build_results(exp: Experiment, rows: Sequence[Row], tasks: Sequence[str], seeds: Sequence[int],
                   state: dict[str, Any], cfg: Config, sweeps: dict[str, dict[str, Any]], overrides: Sequence[str],
-                  wall: float, started: str, out_dir: Path, runs_dir: Path, final: bool) -> dict[str, Any]:
+                  wall: float, started: str, out_dir: Path, runs_dir: Path, final: bool,
+                  beta_grid: Sequence[float] | None = None) -> dict[str, Any]:
     import torch
 
     from . import __version__
@@ -535,6 +674,8 @@ def build_results(exp: Experiment, rows: Sequence[Row], tasks: Sequence[str], se
             paper["average"] = _frac(_paper_average(row, tasks))
         rows_out[row.key] = {"key": row.key, "label": row.label, "train_data": row.train_data, "kind": row.kind,
                              "variant": row.variant, "changes": dict(row.changes), "paper": paper,
+                             "budget": row_budget(row, cfg),
+                             "beta_validated": bool(beta_grid) and uses_attention(row, cfg),
                              "paper_std": {t: _frac(row.paper_std.get(t)) for t in tasks}, "results": results}
     sweeps_out = {name: _sweep_summary(s, rows_out, seeds, criteria) for name, s in sweeps.items()}
     return {
@@ -542,6 +683,9 @@ def build_results(exp: Experiment, rows: Sequence[Row], tasks: Sequence[str], se
         "preset": cfg.preset, "overrides": list(overrides), "seeds": list(seeds), "tasks": list(tasks),
         "task_labels": {t: TASKS[t].label for t in tasks}, "criteria": criteria,
         "primary_criterion": cfg.selection.primary, "data": state["data"], "rows": list(rows_out.values()),
+        # Supp. Sec. 1: beta "through validation" -- chosen per task and seed over the grid (null: fixed)
+        "beta": {"grid": list(beta_grid) if beta_grid else None, "configured": cfg.adapt.beta,
+                 "criterion": cfg.selection.primary},
         "sweeps": sweeps_out,  # the reference lines are the paper's numbers for its task only
         "reference": {k: v / 100.0 for k, v in exp.reference.items()} if list(tasks) == exp.tasks else {},
         "seconds": {"wall": wall, "compute": sum(state["compute"].values()), "per_task": dict(state["compute"])},
@@ -556,10 +700,50 @@ def build_results(exp: Experiment, rows: Sequence[Row], tasks: Sequence[str], se
 # ------------------------------------------------------------------------------------------------ writing
 
 
+def _budget_lines(res: dict[str, Any]) -> list[str]:
+    """Which rows train how long, from which weights (rows of unequal budgets are named, not hidden)."""
+    groups: dict[tuple, list[str]] = {}
+    for row in res["rows"]:
+        b = row.get("budget") or {}
+        groups.setdefault((b.get("init"), b.get("steps"), b.get("batch_size")), []).append(row["label"])
+    return ["## Budgets", ""] + [f"* from the {init}, {steps} steps of batch {batch}: {', '.join(labels)}"
+                                  for (init, steps, batch), labels in groups.items()] + [""]
+
+
+def _beta_lines(res: dict[str, Any]) -> list[str]:
+    """The beta of each L_AT row: fixed, or chosen per task and seed over the grid (with every candidate)."""
+    b = res.get("beta") or {}
+    if not b.get("grid"):
+        return [f"β = {b.get('configured')} for every row with L_AT (fixed: no --beta-grid).", ""]
+    c = report.CRITERION_NAMES.get(b["criterion"], b["criterion"])
+    lines = [f"## β chosen by {c} (Supp. Sec. 1: \"through validation following the same protocol as JAN\")", "",
+             f"Grid {', '.join(f'{v:g}' for v in b['grid'])}; per task and seed the β whose final network {c} ranks "
+             f"best. Cells: {c} score / final accuracy (%) of each β, seed by seed.", ""]
+    header = ["method", "train data", "task", "β chosen"] + [f"β = {v:g}" for v in b["grid"]]
+    body = []
+    for row in (r for r in res["rows"] if r.get("beta_validated")):
+        for t in res["tasks"]:
+            recs = (row["results"].get(t) or {}).get("seeds") or []
+            tried = [{g["beta"]: g for g in (r.get("beta_grid") or [])} for r in recs]
+            cells = ["; ".join(_grid_cell(t_.get(v), b["criterion"]) for t_ in tried) for v in b["grid"]]
+            body.append([row["label"], row["train_data"], res["task_labels"].get(t, t),
+                         ", ".join(f"{r.get('beta'):g}" for r in recs if r.get("beta") is not None), *cells])
+    return lines + report.md_table(header, body) + [""]
+
+
+def _grid_cell(tried: dict[str, Any] | None, criterion: str) -> str:
+    if not tried:
+        return "–"
+    score, acc = tried.get(criterion), tried.get("final")
+    return f"{'–' if score is None else f'{score:.4g}'} / {'–' if acc is None else f'{acc * 100:.1f}'}"
+
+
 def write_results(out_dir: Path, res: dict[str, Any]) -> None:
+    """results.json, results.csv and results.md (report.py's tables, then the rows' budgets and betas)."""
     atomic_write_json(out_dir / "results.json", res)
     atomic_write_text(out_dir / "results.csv", report.format_csv(res))
-    atomic_write_text(out_dir / "results.md", report.format_markdown(res))
+    extra = "\n".join(_budget_lines(res) + _beta_lines(res))
+    atomic_write_text(out_dir / "results.md", report.format_markdown(res) + "\n" + extra + "\n")
 
 
 __all__ = ["EXPERIMENTS", "EXTRA_ROWS", "Experiment", "PAPER", "Row", "SCHEMA", "TASKS", "Task", "build_results",

@@ -52,7 +52,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import DataConfig, SelectionConfig
-from .data.domain import ImageTensors
+from .data.domain import Images, ImageTensors
+from .data.streaming import scan, take
 from .data.transforms import prepare
 from .distributed import Context, unwrap
 
@@ -338,24 +339,24 @@ def split_source_validation(source: ImageTensors, fraction: float,
     tr, va = torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
 
     def part(idx: torch.Tensor, name: str) -> ImageTensors:
-        return ImageTensors(name, source.images[idx], source.labels[idx], [source.ids[i] for i in idx.tolist()],
+        return ImageTensors(name, take(source.images, idx), source.labels[idx], [source.ids[i] for i in idx.tolist()],
                             source.classes)
 
     return part(tr, source.name), part(va, f"{source.name}:val")
 
 
 @torch.no_grad()
-def embed(net: nn.Module, images: torch.Tensor, data_cfg: DataConfig, ctx: Context,
+def embed(net: nn.Module, images: Images, data_cfg: DataConfig, ctx: Context,
           batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features ``net.features(x)`` (N, D) and logits ``net.head(f)`` (N, K) of uint8 images, eval mode, on CPU."""
+    """Features ``net.features(x)`` (N, D) and logits ``net.head(f)`` (N, K) of uint8 images (a tensor, or a
+    streamed set decoded batch by batch by its DataLoader workers), eval mode, on CPU."""
     net = unwrap(net)
     was_training = net.training
     net.eval()
     feats, logits = [], []
     try:
-        for i in range(0, images.shape[0], batch_size):
-            x = prepare(images[i:i + batch_size], data_cfg, train=False, device=ctx.device,
-                        channels_last=ctx.channels_last)
+        for _, batch in scan(images, batch_size):
+            x = prepare(batch, data_cfg, train=False, device=ctx.device, channels_last=ctx.channels_last)
             with ctx.autocast():
                 f = net.features(x)
                 out = net.head(f)
@@ -388,14 +389,14 @@ class SelectionProbe:
         # C only matters when a criterion fits its own weights; the probe fits them once, for IWCV and DEV together
         self._criteria = {c: CRITERIA[c]() for c in self.criteria}
 
-    def _subset(self, domain: ImageTensors | None, stream: int) -> torch.Tensor | None:
+    def _subset(self, domain: ImageTensors | None, stream: int) -> Images | None:
         if domain is None or len(domain) < 2:
             return None
         n, k = len(domain), self.cfg.max_target_samples
         if n <= k:
             return domain.images
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + stream)
-        return domain.images[torch.randperm(n, generator=g)[:k].sort().values]
+        return take(domain.images, torch.randperm(n, generator=g)[:k].sort().values)  # streamed sets stay streamed
 
     @property
     def active(self) -> bool:

@@ -2,9 +2,10 @@
 of the equality test (tests/test_bench.py) and the comparison point of benchmarks/step_before_after.py.
 
 One target-network forward per stream (S, T_f, T, S_f); one frozen-source-network forward per pair term of Eq. 5
-(x^S for the S and T_f rows, G_TS(x^T) for the S_f and paired T rows); M_post's posteriors of the batch's real target
-images recomputed by a forward (for T and again for S_f); nothing cached, no batched forward, no row picking of
-precomputed maps. Only the trainer's networks, sampler, optimiser and M_post are read.
+(x^S for the S and T_f rows, G_TS(x^T) for the S_f rows and for every T row); M_post's posteriors of the batch's real
+target images recomputed by a forward (for T and again for S_f), or for EM-A the current network's, by an eval-mode
+forward; nothing cached, no batched forward, no row picking of precomputed maps. Only the trainer's networks,
+sampler, optimiser and M_post are read.
 """
 
 from __future__ import annotations
@@ -71,11 +72,7 @@ def naive_daaa_losses(trainer, step: int) -> dict[str, torch.Tensor]:
         for s, real_idx in (("T", batch.target_idx), ("Sf", batch.sf_idx)):
             if s not in logits:
                 continue
-            if spec.async_posterior:  # M_post's forward on the real target images, every step
-                with ctx.autocast():
-                    post = trainer.posterior_net(prep(d.target.images[real_idx], None, train=False))
-            else:  # EM-A: the current network's prediction of the real target image, detached
-                post = F.softmax(logits["T"].detach(), dim=1)[: len(real_idx)]
+            post = _posterior(trainer, prep(d.target.images[real_idx], None, train=False))
             keep = confidence_mask(post, p_t)
             loss_em = loss_em + em_loss(logits[s], post, keep, reduction="sum")
             kept = kept + keep.sum().float()
@@ -86,10 +83,27 @@ def naive_daaa_losses(trainer, step: int) -> dict[str, torch.Tensor]:
     return {"loss": loss, "L_CE": loss_ce, "L_EM": loss_em, "L_AT": loss_at, "kept": kept}
 
 
+def _posterior(trainer, x: torch.Tensor) -> torch.Tensor:
+    """p_post(z | x^T) of the prepared real target images ``x``: M_post's forward (modification A), or for EM-A the
+    current network's, in eval mode and without gradient (M_post synced at every step)."""
+    net = trainer.posterior_net.net if trainer.spec.async_posterior else trainer.net
+    was = net.training
+    net.eval()
+    with torch.no_grad(), trainer.ctx.autocast():
+        p = F.softmax(net(x).float(), dim=1)
+    net.train(was)
+    return p
+
+
 def _attention_loss(trainer, batch, maps, prep) -> torch.Tensor:
-    """Eq. 5's four terms: one frozen-source forward per term, on the anchors of that term's rows."""
+    """Eq. 5's four terms: one frozen-source forward per term, on the anchors of that term's rows. The fourth term
+    covers every real target row n, with anchor G_TS(x^T_n) (``adapt.target_anchors="paired"``: only the leading T
+    rows that are the real images of the batch's S_f rows)."""
     d, sl = trainer.data, batch.slices()
-    n_pair = batch.paired_target_rows()
+    n_pair = len(batch.target_idx)
+    if trainer.spec.target_anchors == "paired":  # the earlier reading: only T rows whose S_f is a row
+        n_sf = len(batch.sf_idx)
+        n_pair = n_sf if torch.equal(batch.target_idx[:n_sf], batch.sf_idx) else 0
     t0 = sl["T"].start
     terms = [(d.source.images[batch.source_idx], sl["S"], maps.get("S")),
              (d.source.images[batch.tf_idx], sl["Tf"], maps.get("Tf")),

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from daaa.baseline_losses import (DomainAdversarialLoss, DomainDiscriminator, GradientReverse, GradientReverseLayer,
-                            JointMMD, MultiKernelMMD, dann_coefficient, gaussian_kernel_matrix, jmmd, mmd)
+                            JointAdversarialLayers, JointMMD, MultiKernelMMD, dann_coefficient,
+                            gaussian_kernel_matrix, jmmd, mmd)
 from daaa.selection import (CRITERIA, DEV, IWCV, SND, CandidateOutputs, Criterion, SourceValAccuracy,
                             density_ratio_weights, dev_risk, effective_sample_size, iw_risk, per_sample_loss, pick,
                             soft_neighborhood_density)
@@ -129,6 +130,77 @@ def test_jmmd_sees_a_joint_shift_that_marginal_mmds_miss() -> None:
     joint = jmmd([feats, probs], [feats, swapped]).item()
     assert marginal < 0.02
     assert joint > 0.1
+
+
+def _product_kernel_mmd(xs: list[torch.Tensor], ys: list[torch.Tensor], bandwidth_scale: float = 1.0) -> torch.Tensor:
+    """JMMD^2 the plain way (JAN Eq. 10): the product of per-layer multi-kernel Gram matrices, each at its layer's
+    mean pairwise squared distance (times ``bandwidth_scale``), as w^T K w."""
+    n, m = xs[0].shape[0], ys[0].shape[0]
+    joint = torch.ones(n + m, n + m, dtype=torch.float64)
+    for x, y in zip(xs, ys):
+        z = torch.cat([x, y]).double()
+        base = (torch.cdist(z, z) ** 2).sum() / ((n + m) * (n + m - 1))
+        joint = joint * gaussian_kernel_matrix(z, z, bandwidth=base * bandwidth_scale)
+    w = torch.cat([torch.full((n,), 1.0 / n), torch.full((m,), -1.0 / m)]).double()
+    return w @ joint @ w
+
+
+def test_jmmd_log_domain_product_is_jans_product_kernel_on_few_layers() -> None:
+    x = [torch.randn(12, 6), torch.softmax(torch.randn(12, 4), 1)]
+    y = [torch.randn(15, 6) + 0.5, torch.softmax(torch.randn(15, 4) * 2, 1)]
+    # the default is JAN's kernel: the same value as the product of kernel matrices (the form before the log domain)
+    assert float(jmmd(x, y)) == pytest.approx(float(_product_kernel_mmd(x, y)), rel=1e-4)
+    # normalize_layers: one layer is unchanged; L layers use L times each layer's bandwidths
+    assert float(jmmd(x[:1], y[:1], normalize_layers=True)) == pytest.approx(float(jmmd(x[:1], y[:1])), rel=1e-6)
+    assert float(jmmd(x, y, normalize_layers=True)) == pytest.approx(float(_product_kernel_mmd(x, y, 2.0)), rel=1e-4)
+
+
+def _attention_maps(n: int, shift: float, g: torch.Generator) -> list[torch.Tensor]:
+    """n normalised attention-map-like rows for each of the 52 aligned layers of ResNet-50 (56^2 ... 7^2 cells)."""
+    sizes = [3136] * 10 + [784] * 12 + [196] * 18 + [49] * 12
+    return [F.normalize(torch.rand(n, d, generator=g) ** 2 + shift, dim=1) for d in sizes]
+
+
+def test_jmmd_over_52_layers_separates_shifted_attention_maps() -> None:
+    """Table 4's JMMD over every aligned ResNet-50 layer: JAN's product of 52 kernels is numerically the identity
+    (JMMD^2 = 2/n for any inputs, no gradient); with the bandwidths scaled by the number of layers it is a distance:
+    larger between shifted than between same-distribution samples, with a finite, non-negligible gradient."""
+    g = torch.Generator().manual_seed(0)
+    n = 16
+    src, same = _attention_maps(n, 0.0, g), _attention_maps(n, 0.0, g)
+    shifted = [t.requires_grad_() for t in _attention_maps(n, 0.3, g)]
+    jan = jmmd(src, shifted).detach()
+    assert float(jan) == pytest.approx(2 / n, rel=1e-4)
+    assert float(jmmd(src, same)) == pytest.approx(2 / n, rel=1e-4)
+    fixed = jmmd(src, shifted, normalize_layers=True)
+    baseline = float(jmmd(src, same, normalize_layers=True))
+    assert 0 < baseline and float(fixed.detach()) > 1.5 * baseline
+    fixed.backward()
+    grad = torch.cat([t.grad.flatten() for t in shifted])
+    assert torch.isfinite(grad).all() and float(grad.norm()) > 1e-3
+
+
+def test_jan_a_adversary_ascends_the_jmmd_while_the_features_descend_it() -> None:
+    """JAN-A: theta starts as the identity (the JMMD of JAN), its parameters climb the JMMD, the features' gradient
+    is JAN's own."""
+    f_s, p_s = torch.randn(24, 5), torch.softmax(torch.randn(24, 3), 1)
+    f_t, p_t = (torch.randn(24, 5) + 0.7).requires_grad_(), torch.softmax(torch.randn(24, 3) * 2, 1)
+    theta = JointAdversarialLayers([5, 3])
+    loss = jmmd(theta([f_s, p_s]), theta([f_t, p_t]))
+    plain = jmmd([f_s, p_s], [f_t, p_t])
+    assert torch.allclose(loss, plain)
+    loss.backward()
+    g_adv = f_t.grad.clone()
+    f_t.grad = None
+    plain.backward()
+    assert torch.allclose(g_adv, f_t.grad, atol=1e-6)  # the features descend the JMMD as in JAN
+    for _ in range(10):  # descending theta's (reversed) gradient ascends the JMMD
+        _sgd_step(theta.parameters(), lr=0.5)
+        theta.zero_grad()
+        jmmd(theta([f_s, p_s]), theta([f_t.detach(), p_t])).backward()
+    assert float(jmmd(theta([f_s, p_s]), theta([f_t, p_t])).detach()) > float(plain.detach()) * 1.05
+    with pytest.raises(ValueError):
+        theta([f_s])
 
 
 def test_mmd_gradients_flow_on_attention_like_maps() -> None:

@@ -28,7 +28,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     ["data.augment=true", "data.load_size=36"],  # anchors cropped like their rows: the source net runs every step
     ["adapt.async_posterior=false", "adapt.attention=l1"],  # EM-A, Table A1's l1 maps
     ["adapt.restart_schedule=false"],  # EM-C: the decaying schedule runs on through the sync
-], ids=["paper", "beta0", "augment", "emA-l1", "emC"])
+    ["adapt.train_data=Tf+T"],  # Table 2's Tf+T row: term 4 of Eq. 5 on every T row although S_f is not trained on
+    ["adapt.target_anchors=paired", "data.augment=true", "data.load_size=36"],  # the earlier reading of term 4
+], ids=["paper", "beta0", "augment", "emA-l1", "emC", "TfT", "paired"])
 def test_optimised_step_equals_naive_step(tmp_path, overrides):
     """Eq. 12 from one batched forward with caches == four forwards per network recomputing everything: the logged
     loss terms, the gradients and the updated weights agree to 1e-5 (relative), in a state where EM is active (after

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from PIL import Image
 
 from daaa.config import Config, CycleGANConfig
@@ -272,3 +273,63 @@ def test_user_folders(done_run, tmp_path):
     _write_pngs(tmp_path / "dup", [f"{c}/0.png" for c in "dcba"], fake_t[:4].flip(0))
     got = load_translation_folders(tmp_path / "dup", sf, dup, tgt, 14, 1)
     assert torch.equal(got.synthetic_target, fake_t[:4])
+
+
+class _Brightness(nn.Module):
+    """A fixed 3-class classifier of CycleGAN images: dark / mid / light by the mean (a stand-in source network)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(8.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.mean((1, 2, 3))
+        return self.scale * torch.stack([-m, -m.abs(), m], 1)
+
+
+@pytest.mark.parametrize("grid", [0, 2])
+def test_semantic_term_is_in_the_generator_loss_and_reaches_g_st(grid):
+    """CyCADA's L_sem (cyclegan.lambda_semantic): part of g_total with its weight, its gradient reaches G_ST (and
+    G_TS) through the frozen classifier, whose own weights get none; the paper's CycleGAN has no such term."""
+    xs, xt = torch.rand(4, 1, 16, 16) * 2 - 1, torch.rand(4, 1, 16, 16) * 2 - 1
+    paper = build_cyclegan(tiny_cg(style_grid=grid), channels=1, seed=0)
+    semantic = build_cyclegan(tiny_cg(style_grid=grid, lambda_semantic=2.0), channels=1, seed=0)
+    guide = _Brightness()
+    semantic.set_semantic_guide(guide)
+    assert "semantic" not in paper._generator_losses(xs, xt)
+    g0, g = paper._generator_losses(xs, xt), semantic._generator_losses(xs, xt)
+    assert g["semantic"] > 0
+    assert torch.allclose(g["g_total"], g0["g_total"] + 2.0 * g["semantic"])
+    g["semantic"].backward()
+    assert sum(p.grad.abs().sum() for p in semantic.G_ST.parameters() if p.grad is not None) > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in semantic.G_TS.parameters())
+    assert guide.scale.grad is not None  # (this test hands the raw module: the pipeline hands a frozen copy)
+    assert {k.split(".")[0] for k in semantic.state_dict()} == {"G_ST", "G_TS", "D_T", "D_S"}  # guide not saved
+    assert "semantic" in semantic.training_step(xs, xt) and "semantic" not in paper.training_step(xs, xt)
+
+
+def test_semantic_term_without_the_source_network_is_one_line(tmp_path):
+    model = build_cyclegan(tiny_cg(lambda_semantic=1.0), channels=1)
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    with pytest.raises(ConfigError, match="cyclegan.lambda_semantic"):
+        model.training_step(x, x)
+    src, tgt = domains()
+    with pytest.raises(ConfigError, match="source network before the CycleGAN"):
+        run_translation(tmp_path, tiny_cfg(lambda_semantic=1.0), src, tgt, CPU, progress=False)
+    assert not (tmp_path / "translate").exists()
+
+
+def test_semantic_stage_keys_the_source_network_and_writes_round_trips(tmp_path):
+    from daaa.models import build_model
+
+    src, tgt = domains()
+    cfg = tiny_cfg(lambda_semantic=1.0, steps=2, decay_start=1)
+    cfg.data.load_size = cfg.data.image_size = 16
+    cfg.model.width = 4
+    net = build_model(cfg.model, 3, 1, 16)
+    tr = run_translation(tmp_path, cfg, src, tgt, CPU, progress=False, guide=net)
+    assert tr.round_trip_source.shape == src.images.shape and tr.round_trip_target.shape == tgt.images.shape
+    assert torch.equal(load_translation(tmp_path / "translate").round_trip_source, tr.round_trip_source)
+    other = build_model(cfg.model, 3, 1, 16)
+    with pytest.raises(DaaaError, match="incompatible config.*source_network"):
+        run_translation(tmp_path, cfg, src, tgt, CPU, progress=False, guide=other)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import logging
 import struct
 from pathlib import Path
@@ -12,9 +13,10 @@ import pytest
 from PIL import Image
 
 from daaa.config import DataConfig
-from daaa.data import (MNIST_FILES, OFFICE31_CLASSES, Domain, blend_mnistm, check_same_classes, demo_pair,
-                       export_domain, flat_folder, image_folder, labelled_folder, load_domain_tensors, load_tensors,
-                       make_mnistm, make_mnistm_from_mnist, mnist, mnistm, office31, resolve_domain, sklearn_digits)
+from daaa.data import (MNIST_FILES, OFFICE31_CLASSES, Domain, ImageTensors, blend_mnistm, check_same_classes,
+                       demo_pair, export_domain, flat_folder, image_folder, image_list, labelled_folder,
+                       load_domain_tensors, load_tensors, make_mnistm, make_mnistm_from_mnist, mnist, mnistm, office31,
+                       resolve_domain, sklearn_digits)
 from daaa.errors import DataError
 
 RNG = np.random.default_rng(123)
@@ -103,10 +105,12 @@ def test_folder_errors(tmp_path: Path) -> None:
         image_folder(tmp_path / "lab")
     assert str(tmp_path / "lab" / "b") in _one_line(e)
     _save(tmp_path / "lab" / "b" / "y.png", Image.fromarray(_rgb()))
-    (tmp_path / "lab" / "b" / "notes.txt").write_text("hello")
-    with pytest.raises(DataError, match="not an image file") as e:
+    (tmp_path / "lab" / "b" / "notes.txt").write_text("hello")  # a stray file is skipped (test_stray_files_...)
+    assert len(image_folder(tmp_path / "lab")) == 2
+    (tmp_path / "lab" / "c").mkdir()
+    (tmp_path / "lab" / "c" / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="has no images"):  # ... but strays alone are no class
         image_folder(tmp_path / "lab")
-    assert "notes.txt" in _one_line(e)
     flat_only_flat = tmp_path / "flatflat"
     flat_only_flat.mkdir()
     (flat_only_flat / ".keep").write_text("")
@@ -332,7 +336,8 @@ def test_resolve_domain_errors(tmp_path: Path) -> None:
     cfg = DataConfig(data_root=str(tmp_path), download=False)
     with pytest.raises(DataError) as e:
         resolve_domain("no-such-thing", "target", cfg)
-    assert _one_line(e).startswith("--target no-such-thing: no such folder and not a built-in domain (built-ins:")
+    assert _one_line(e).startswith("--target no-such-thing: no such folder or image list, and not a built-in domain "
+                                   "(built-ins:")
     with pytest.raises(DataError, match="unknown split"):
         resolve_domain("mnist:val", "source", cfg)
     with pytest.raises(DataError, match="office31:amazon"):
@@ -361,3 +366,230 @@ def test_random_crops_follow_params_and_flip_switch() -> None:
     expect = prepare(images[:1, :, top:top + 4, left:left + 4], DataConfig(image_size=4, load_size=4))
     assert torch.equal(x[:1], expect)
     assert prepare(images, cfg).shape == (2, 3, 4, 4)  # evaluation: centre crop
+
+
+# -------------------------------------------------------------------------------------------- stray files
+
+
+def test_stray_files_skipped_with_one_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "data"
+    for cls in ("a", "b"):
+        _save(root / cls / "x.png", Image.fromarray(_rgb()))
+    (root / "README.txt").write_text("about this data set")
+    (root / "a" / "notes.txt").write_text("hello")
+    (root / "a" / ".DS_Store").write_bytes(b"\0\1")
+    (root / "b" / "Thumbs.db").write_bytes(b"\0\1")
+    (root / "b" / "._x.png").write_bytes(b"\0\5Mac")  # a macOS resource fork: an image extension, not an image
+    (root / "b" / "labels.csv").write_text("x,1\n")
+    with caplog.at_level(logging.WARNING, logger="daaa"):
+        d = resolve_domain(str(root), "source", DataConfig())
+    assert d.ids == [str(root / "a" / "x.png"), str(root / "b" / "x.png")] and d.labels == [0, 1]
+    lines = [r.getMessage() for r in caplog.records if "non-image" in r.getMessage()]
+    assert len(lines) == 1 and "skipped 6 non-image file(s)" in lines[0] and str(root) in lines[0], lines
+    assert ".txt" in lines[0] and ".db" in lines[0] and ".csv" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="daaa"):
+        flat = image_folder(root / "b")  # flat: x.png only
+    assert len(flat) == 1 and sum("skipped 3 non-image" in r.getMessage() for r in caplog.records) == 1
+    # a corrupt file with an image extension is still an error (test_corrupt_images_named_and_skipped)
+    (root / "b" / "broken.png").write_text("not a png")
+    with pytest.raises(DataError, match="broken.png: cannot read image"):
+        load_tensors(image_folder(root), 8, 3)
+
+
+# ------------------------------------------------------------------------------------------------ ImageList
+
+
+def _list(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_image_list_labelled_unlabelled_relative(tmp_path: Path) -> None:
+    for rel in ("imgs/a/0.png", "imgs/b c/1.png", "imgs/a/2.png", "lists/near.png"):
+        _save(tmp_path / rel, Image.fromarray(_rgb()))
+    # relative to the list's folder (near.png, ../imgs), to data.data_root (imgs/a/2.png, as tllib joins its
+    # root), absolute, with a space in the path; blank lines skipped
+    lst = _list(tmp_path / "lists" / "src.txt", ["near.png 0", "", "../imgs/b c/1.png 3",
+                                                 f"{tmp_path / 'imgs/a/0.png'} 1", "imgs/a/2.png 1"])
+    cfg = DataConfig(data_root=str(tmp_path), load_size=8)
+    d = resolve_domain(str(lst), "source", cfg)
+    assert d.labels == [0, 3, 1, 1] and d.classes == ["0", "1", "2", "3"]  # the label ids; "2" has no image
+    assert d.ids == [str(tmp_path / p) for p in ("lists/near.png", "lists/../imgs/b c/1.png", "imgs/a/0.png",
+                                                 "imgs/a/2.png")]
+    assert load_domain_tensors(str(lst), "source", cfg).images.shape == (4, 3, 8, 8)
+    target = resolve_domain(str(lst), "target", cfg)
+    assert target.labels is None and target.info["hidden_labels"] == [0, 3, 1, 1]
+    bare = _list(tmp_path / "lists" / "tgt.txt", ["near.png", "../imgs/b c/1.png"])
+    u = image_list(bare)
+    assert u.labels is None and u.classes is None and len(u) == 2
+    with pytest.raises(DataError, match="needs labels"):
+        resolve_domain(str(bare), "target_test", cfg)
+
+
+@pytest.mark.parametrize("lines,line,needle", [
+    (["0.png 0", "1.png 1", "gone.png 1"], 3, "image gone.png not found (looked in"),
+    (["0.png 0", "1.png cat"], 2, "expected '<image path> <label>' as on line 1"),
+    (["0.png", "1.png 1"], 2, "expected '<image path>' alone as on line 1"),
+    (["", "0.png -1"], 2, "label -1 is negative"),
+])
+def test_image_list_errors_name_list_and_line(tmp_path: Path, lines: list[str], line: int, needle: str) -> None:
+    for k in range(2):
+        _save(tmp_path / f"{k}.png", Image.fromarray(_rgb()))
+    lst = _list(tmp_path / "l.txt", lines)
+    with pytest.raises(DataError) as e:
+        resolve_domain(str(lst), "source", DataConfig(data_root=str(tmp_path / "elsewhere")))
+    assert _one_line(e).startswith(f"{lst} line {line}: ") and needle in _one_line(e)
+
+
+def test_image_list_empty_or_an_image(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no images listed"):
+        image_list(_list(tmp_path / "empty.txt", ["", "  "]))
+    png = _save(tmp_path / "0.png", Image.fromarray(_rgb()))
+    with pytest.raises(DataError, match="an image, not an image list"):
+        resolve_domain(str(png), "source", DataConfig())
+
+
+# ------------------------------------------------------------------------------- Office-Home, VisDA, DomainNet
+
+
+def _class_tree(folder: Path, classes: list[str], per_class: int = 2, ext: str = "jpg") -> list[str]:
+    """``folder/<class>/<k>.<ext>``: tiny images; returns their paths relative to ``folder``."""
+    rel = [f"{c}/{k}.{ext}" for c in classes for k in range(per_class)]
+    for r in rel:
+        _save(folder / r, Image.fromarray(_rgb(8, 8)))
+    return rel
+
+
+def test_officehome_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    oh = importlib.import_module("daaa.data.officehome")  # the package exports a function of that name
+
+    base = tmp_path / "OfficeHomeDataset_10072016"  # as the official zip unpacks, "Real World" with a space
+    classes = ["Alarm_Clock", "TV", "Table"]
+    _class_tree(base / "Art", classes)
+    _class_tree(base / "Real World", classes[::-1], per_class=1)
+    (base / "ImageInfo.csv").write_text("x")
+    cfg = DataConfig(data_root=str(tmp_path))
+    with pytest.raises(DataError) as e:  # the real count is 65
+        resolve_domain("officehome:Art", "source", cfg)
+    assert "3 class folders, but officehome:Art has 65 classes" in _one_line(e)
+    monkeypatch.setattr(oh, "NUM_CLASSES", 3)
+    art = resolve_domain("officehome:Art", "source", cfg)
+    real = resolve_domain("officehome:real_world", "target_test", cfg)
+    assert art.name == "officehome:Art" and real.name == "officehome:Real_World"
+    assert art.classes == real.classes == sorted(classes)
+    check_same_classes(art, real)
+    assert [real.classes[k] for k in real.labels] == sorted(classes)  # label k names the same folder everywhere
+    _class_tree(tmp_path / "officehome" / "Clipart", ["Alarm_Clock", "TV", "Tables"], per_class=1)
+    with pytest.raises(DataError, match="only in officehome:Art: \\['Table'\\]"):
+        check_same_classes(art, resolve_domain("officehome:Clipart", "target_test", cfg))
+    with pytest.raises(DataError) as e:
+        resolve_domain("officehome:Product", "source", cfg)
+    assert str(base / "Product") in _one_line(e) and "OfficeHomeDataset_10072016.zip" in _one_line(e)
+    with pytest.raises(DataError, match="--source officehome:Photo: name an Office-Home domain: officehome:Art"):
+        resolve_domain("officehome:Photo", "source", cfg)
+
+
+def test_visda2017_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    visda = importlib.import_module("daaa.data.visda")
+
+    classes = ["aeroplane", "bicycle", "bus"]
+    train = _class_tree(tmp_path / "visda2017" / "train", classes, ext="png")
+    lst = _list(tmp_path / "visda2017" / "train" / "image_list.txt", [f"{r} {classes.index(r.split('/')[0])}"
+                                                                      for r in train[1:]])  # the list is the set
+    _class_tree(tmp_path / "visda2017" / "validation", classes[::-1], per_class=1)  # no list: folders walked
+    cfg = DataConfig(data_root=str(tmp_path))
+    with pytest.raises(DataError, match="but visda2017:train has 12 classes"):
+        resolve_domain("visda2017:train", "source", cfg)
+    monkeypatch.setattr(visda, "NUM_CLASSES", 3)
+    src = resolve_domain("visda2017:train", "source", cfg)
+    assert len(src) == 5 and src.info["list"] == str(lst) and src.classes == classes
+    assert src.labels == [0, 1, 1, 2, 2]
+    val = resolve_domain("visda2017:validation", "target_test", cfg)
+    check_same_classes(src, val)
+    assert [val.classes[k] for k in val.labels] == classes
+    _list(lst, ["aeroplane/1.png 0", "bus/0.png 0"])  # one number, two class folders
+    with pytest.raises(DataError) as e:
+        resolve_domain("visda2017:train", "source", cfg)
+    assert _one_line(e) == f"{lst} line 2: label 0 is class aeroplane on an earlier line, but this image is in bus/"
+    with pytest.raises(DataError, match="name a VisDA-2017 split: visda2017:train, visda2017:validation"):
+        resolve_domain("visda2017:test", "target", cfg)
+    with pytest.raises(DataError, match="VisDA-2017 validation not found.*ai.bu.edu/visda-2017"):
+        resolve_domain("visda2017:validation", "target", DataConfig(data_root=str(tmp_path / "none")))
+
+
+def test_domainnet_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dn = importlib.import_module("daaa.data.domainnet")  # the package exports a function of that name
+
+    classes = ["The_Eiffel_Tower", "aircraft_carrier", "zebra"]  # DomainNet numbers them ignoring case
+    number = {"aircraft_carrier": 0, "The_Eiffel_Tower": 1, "zebra": 2}
+    root = tmp_path / "domainnet"
+    for domain in ("clipart", "sketch"):
+        rel = [f"{domain}/{r}" for r in _class_tree(root / domain, classes)]
+        lines = [f"{r} {number[r.split('/')[1]]}" for r in rel]
+        where = root if domain == "clipart" else root / "image_list"  # the tllib layout keeps lists apart
+        _list(where / f"{domain}_train.txt", lines[::2])
+        _list(where / f"{domain}_test.txt", lines[1::2])
+    cfg = DataConfig(data_root=str(tmp_path))
+    with pytest.raises(DataError, match="3 class folders, but domainnet:clipart has 345 classes"):
+        resolve_domain("domainnet:clipart", "source", cfg)
+    monkeypatch.setattr(dn, "NUM_CLASSES", 3)
+    train = resolve_domain("domainnet:clipart", "source", cfg)
+    test = resolve_domain("domainnet:sketch", "target_test", cfg)  # the test split by default
+    assert train.name == "domainnet:clipart:train" and test.name == "domainnet:sketch:test"
+    assert train.ids == [str(root / "clipart" / c / "0.jpg") for c in classes]
+    assert test.ids == [str(root / "sketch" / c / "1.jpg") for c in classes]
+    assert train.classes == test.classes == classes and train.labels == test.labels == [0, 1, 2]
+    assert len(resolve_domain("domainnet:sketch:train", "target", cfg)) == 3
+    (root / "clipart_test.txt").unlink()
+    for spec, pattern in (("domainnet:clipart:test", "DomainNet clipart test list not found: expected .*_test.txt"),
+                          ("domainnet:clipart:val", "unknown split 'val' \\(use domainnet:clipart:train or"),
+                          ("domainnet:photo", "name a DomainNet domain: domainnet:clipart, domainnet:infograph")):
+        with pytest.raises(DataError, match=pattern):
+            resolve_domain(spec, "target_test", cfg)
+    with pytest.raises(DataError) as e:
+        resolve_domain("domainnet:real", "source", cfg)
+    assert str(root / "real") in _one_line(e) and "real_{train,test}.txt" in _one_line(e)
+
+
+# --------------------------------------------------------------------------------- metric and presets
+
+
+def test_mean_class_accuracy_differs_from_top1(tmp_path: Path) -> None:
+    import torch
+
+    from daaa.distributed import Context
+    from daaa.evaluate import evaluate, format_report, metrics_from_confusion
+    from daaa.report import metrics_rows
+
+    # class a: 8 of 10 right, class b: 1 of 2, class c: no test image -> top-1 9/12, mean over a and b (0.8+0.5)/2
+    m = metrics_from_confusion(torch.tensor([[8, 2, 0], [1, 1, 0], [0, 0, 0]]), ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(0.75) and m["mean_class_accuracy"] == pytest.approx(0.65)
+    text = format_report(m)
+    assert "top-1 accuracy: 75.00%" in text and "mean per-class accuracy: 65.00% (over the 2 classes" in text
+
+    class Constant(torch.nn.Module):  # always class 0
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([[1.0, 0.0]]).expand(x.shape[0], 2)
+
+    data = ImageTensors("t", torch.zeros(4, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 0, 0, 1]), ["0", "1"],
+                        ["x", "y"])
+    ctx = Context(0, 1, torch.device("cpu"), None, False)
+    got = evaluate(Constant(), data, DataConfig(image_size=4, load_size=4), ctx)
+    assert got["accuracy"] == pytest.approx(0.75) and got["mean_class_accuracy"] == pytest.approx(0.5)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text('{"daaa": {"target_test_accuracy": 0.75, '
+                                      '"target_test_mean_class_accuracy": 0.5}}')
+    assert metrics_rows(run) == [["DAAA (ours)", "adapt", "75.00%", "50.00%", "-", "-"]]
+
+
+def test_benchmark_presets_load() -> None:
+    from daaa.config import load_config
+
+    home = load_config("officehome")
+    assert home.model.arch == "resnet50" and home.data.image_size == 224 and home.adapt.optim.optimizer == "sgd"
+    visda = load_config("visda2017")
+    assert visda.model.arch == "resnet101" and visda.model.pretrained == "imagenet"
+    assert visda.adapt.steps > load_config("office31").adapt.steps

@@ -188,14 +188,37 @@ def test_batch_proportions_and_pairing():
     assert torch.equal(b.tf_idx, b.source_idx[:3])  # T_f rows are translations of the batch's own S rows
     assert torch.equal(b.sf_idx, b.target_idx[:3])
     rows, src, sf = b.anchor_rows()
-    # Eq. 5: S rows, T_f rows (anchored on their x^S), S_f rows, and the T rows paired with S_f rows
-    assert rows.tolist() == list(range(0, 10)) + list(range(17, 20)) + list(range(10, 13))
+    # Eq. 5: S rows, T_f rows (anchored on their x^S), S_f rows, and every T row (anchored on its G_TS(x^T))
+    assert rows.tolist() == list(range(0, 10)) + list(range(17, 20)) + list(range(10, 17))
     assert torch.equal(src, torch.cat([b.source_idx, b.tf_idx]))
+    assert torch.equal(sf, torch.cat([b.sf_idx, b.target_idx]))
+    rows, _, sf = b.anchor_rows("paired")  # the earlier reading: only the T rows whose S_f is a batch row
+    assert rows.tolist() == list(range(0, 10)) + list(range(17, 20)) + list(range(10, 13))
     assert torch.equal(sf, torch.cat([b.sf_idx, b.target_idx[:3]]))
     # deterministic per step, and sampling without replacement within an epoch
     assert torch.equal(sampler.batch(5).source_idx, b.source_idx)
     seen = torch.cat([sampler.batch(s).source_idx for s in range(7)])  # 49 of 50 items
     assert len(set(seen.tolist())) == 49
+
+
+@pytest.mark.parametrize("train_data", ["S+Tf+T+Sf", "Tf+T", "S+T"])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_every_real_target_row_has_its_term4_anchor(train_data, world_size):
+    """Eq. 5's fourth sum runs over every real target image: each T row of every (shard of a) batch is aligned with
+    its own translation S_f[target_idx], also where the batch has no S_f rows (the Tf+T rows of Table 2)."""
+    for rank in range(world_size):
+        sampler = MixedBatchSampler(50, 40, 64, [0.35, 0.15, 0.35, 0.15], train_data, seed=2, rank=rank,
+                                    world_size=world_size)
+        for step in range(3):
+            b = sampler.batch(step)
+            rows, src, sf = b.anchor_rows()
+            t = b.slices()["T"]
+            assert t.stop > t.start
+            anchor_of = {int(r): k for k, r in enumerate(rows)}
+            assert set(range(t.start, t.stop)) <= set(anchor_of)  # every T row takes part
+            for n, row in enumerate(range(t.start, t.stop)):  # ... against G_TS of its own image
+                assert int(sf[anchor_of[row] - len(src)]) == int(b.target_idx[n])
+            assert len(rows) == len(set(rows.tolist())) == len(src) + len(sf)
 
 
 def test_sharded_batches_cover_the_global_batch_and_keep_pairs():
@@ -229,3 +252,57 @@ def test_resnet50_missing_weights_file_is_a_clear_error(tmp_path):
 
     with pytest.raises(DaaaError, match="model.pretrained"):
         ResNet50(num_classes=3, pretrained=str(tmp_path / "nope.pth"))
+
+
+class _TinyConvNet(nn.Module):
+    """conv - (batch norm) - ReLU - global pool - linear: the smallest network whose training forward differs from
+    its eval forward when it has batch norm, as ResNet-50's does."""
+
+    def __init__(self, batch_norm: bool, classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm = nn.BatchNorm2d(6) if batch_norm else nn.Identity()
+        self.fc = nn.Linear(6, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.norm(self.conv(x))).mean(dim=(2, 3)))
+
+    def backbone_parameters(self) -> list[nn.Parameter]:  # the optimiser's parameter groups (daaa.optim)
+        return [*self.conv.parameters(), *self.norm.parameters()]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.fc.parameters())
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_em_a_posterior_is_a_separate_eval_forward_with_a_gradient_on_t_rows(tmp_path, batch_norm):
+    """EM-A (Table 3): the posterior is the current network's, from a no-grad eval-mode forward. With batch norm its
+    L_EM has a gradient on the T rows (the training forward normalises by batch statistics); without batch norm (or
+    dropout, or crops) the posterior equals the training softmax and the T rows' gradient vanishes -- the ablation
+    then reduces to L_EM on S_f (README, "Deviations from the paper")."""
+    from daaa import bench
+    from daaa.config import load_config
+    from daaa.distributed import Context
+    from daaa.runs import Stage
+    from daaa.trainers.adapt import DAAATrainer
+
+    cfg = load_config("smoke", ["adapt.async_posterior=false", "adapt.initial_confidence_threshold=0",
+                                "adapt.train_data=S+T"])  # only T rows in L_EM: its gradient is theirs
+    torch.manual_seed(0)
+    net = _TinyConvNet(batch_norm)
+    trainer = DAAATrainer(cfg.adapt, cfg.data, bench.synthetic_data(cfg), Context(0, 1, torch.device("cpu"), None,
+                          False), Stage(tmp_path, "emA", {}), net, None, progress=False)
+    batch = trainer.sampler.batch(0)
+    assert len(batch.target_idx) > 0 and len(batch.sf_idx) == 0
+    terms = trainer.losses(batch, 0)
+    assert net.training and float(terms["em_kept"]) == len(batch.target_idx)
+    terms["L_EM"].backward()
+    grad = max(float(p.grad.abs().max()) for p in net.parameters() if p.grad is not None)
+    if batch_norm:
+        assert grad > 1e-3
+    else:
+        assert grad < 1e-5
+    with torch.no_grad():  # the posterior is the eval-mode prediction of the current weights
+        net.eval()
+        x = trainer.data.target.images[batch.target_idx].float() / 127.5 - 1.0
+        torch.testing.assert_close(trainer.posterior(batch), torch.softmax(net(x), 1), rtol=1e-4, atol=1e-5)

@@ -95,7 +95,7 @@ def test_probe_is_deterministic_and_selection_picks_the_highest_score() -> None:
 # ---------------------------------------------------------------------------------------------- baselines
 
 
-@pytest.mark.parametrize("method", ["dann", "dan", "jan"])
+@pytest.mark.parametrize("method", ["dann", "dan", "jan", "jan-a"])
 def test_baseline_trainers_train_and_change_the_weights(tmp_path: Path, method: str) -> None:
     from daaa.pipeline import train_baseline
     from daaa.stages import StageRunner
@@ -120,6 +120,10 @@ def test_baseline_trainers_train_and_change_the_weights(tmp_path: Path, method: 
     if method == "dann":
         assert hist[0]["grl_coeff"] == 0.0 < hist[-1]["grl_coeff"] < 1.0  # the warm-up of the reversal
         assert "domain_accuracy" in hist[0]
+    if method == "jan-a":  # theta ascended the JMMD: it moved away from its identity start
+        state = torch.load(tmp_path / "rows" / "JAN-A" / "checkpoint.pt", weights_only=True)["state"]["model"]
+        theta = state["adversary.layers.0.weight"]
+        assert not torch.equal(theta, torch.eye(theta.shape[0]))
     # a finished stage is reused as it is
     _, again = train_baseline(StageRunner(tmp_path, CPU), cfg, data, source_net, method)
     assert again["target_test_accuracy"] == res["target_test_accuracy"] and "resumed_from" in again
@@ -261,6 +265,49 @@ def test_cli_refuses_bad_options(tmp_path: Path, capsys) -> None:
     assert "unknown task" in capsys.readouterr().err
     assert main(["reproduce", "table2", "--out", str(tmp_path / "o"), "--rows", "S,bogus"]) == 2
     assert "unknown row 'bogus'" in capsys.readouterr().err
+    assert main(["reproduce", "table2", "--out", str(tmp_path / "o"), "--beta-grid", "1,3",
+                 "--set", "adapt.beta=2"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert main(["reproduce", "figA1", "--out", str(tmp_path / "o"), "--beta-grid", "1,3"]) == 2
+    assert "figA1 sweeps beta itself" in capsys.readouterr().err
+    # Office-31 evaluates on its whole target domain: no labelled target images are left to train the upper bound on
+    assert main(["reproduce", "table2", "--out", str(tmp_path / "o"), "--tasks", "A-W", "--rows", "T-sup"]) == 2
+    assert "training images are its test images" in capsys.readouterr().err
+
+
+def test_beta_grid_by_default_where_the_paper_validated_beta() -> None:
+    """Supp. Sec. 1: Office-31's beta was chosen "through validation" -- table2/3/4/A1 search 0.3,1,3 unless told
+    otherwise; table1 keeps adapt.beta; --set adapt.beta=X fixes beta; --beta-grid chooses the grid."""
+    from argparse import Namespace
+
+    from daaa.cli import _beta_grid
+
+    def grid(experiment: str, beta_grid: str | None = None, overrides: tuple[str, ...] = ()) -> list[float] | None:
+        return _beta_grid(Namespace(beta_grid=beta_grid, overrides=list(overrides)),
+                          EXPERIMENTS[experiment].beta_by_validation)
+
+    assert [grid(e) for e in ("table2", "table3", "table4", "tableA1")] == [[0.3, 1.0, 3.0]] * 4
+    assert grid("table1") is None and grid("figA1") is None
+    assert grid("table2", overrides=("adapt.beta=0.5",)) is None
+    assert grid("table1", "0.1,1") == [0.1, 1.0]
+
+
+def test_labelled_target_keeps_the_withheld_labels_and_refuses_test_images(tmp_path: Path) -> None:
+    """The upper-bound row trains on the target *training* images with their labels; it may never train on an image
+    of the target test set."""
+    from daaa.data.domain import ImageTensors as Tensors
+    from daaa.reproduce import labelled_target
+
+    cfg = load_config("smoke")
+    data = pipeline.load_data(cfg, "demo", "demo", "demo")
+    assert data.target.labels is None  # every other row sees no target label
+    labelled = labelled_target(cfg, "demo", data)
+    assert torch.equal(labelled.images, data.target.images) and labelled.labels is not None
+    assert labelled.classes == data.source.classes and len(set(labelled.labels.tolist())) == 10
+    test = data.target_test
+    data.target_test = Tensors(test.name, test.images[:1], test.labels[:1], [data.target.ids[3]], test.classes)
+    with pytest.raises(Exception, match="shares images with --target-test"):
+        labelled_target(cfg, "demo", data)
 
 
 # --------------------------------------------------------------------------------------------- end to end
@@ -292,7 +339,7 @@ def test_reproduce_table1_smoke_on_the_demo_pair(tmp_path: Path) -> None:
             "--set", f"data.data_root={tmp_path / 'nothing'}"]  # no MNIST there: the demo pair
     assert main(argv) == 0
     res = _check_results(out, "table1", ["M-MM"],
-                         ["S", "Tf", "S+Tf", "S+Tf+L_AT", "ours-without-L_AT", "ours", "DANN", "JAN"])
+                         ["S", "Tf", "S+Tf", "S+Tf+L_AT", "ours-without-L_AT", "ours", "DANN", "JAN", "T-sup"])
     assert res["data"]["M-MM"]["source"] == "demo" and "embedded demo pair" in res["data"]["M-MM"]["description"]
     assert res["data"]["M-MM"]["n_source_val"] > 0
     paper = {r["key"]: r["paper"]["M-MM"] for r in res["rows"]}
@@ -302,12 +349,44 @@ def test_reproduce_table1_smoke_on_the_demo_pair(tmp_path: Path) -> None:
     assert "| Ours (w L_AT) | S+T_f+T+S_f |" in md and "95.6" in md and "embedded demo pair" in md
     # re-running reuses every finished row: same numbers, no stage rewritten
     records = sorted((out / "M-MM" / "seed0").glob("**/stage.json"))
-    assert len(records) == 1 + 1 + 7  # translate, source, 7 rows
+    assert len(records) == 1 + 1 + 8  # translate, source, 8 rows
     mtimes = [p.stat().st_mtime_ns for p in records]
     assert main(argv) == 0
     again = json.loads((out / "results.json").read_text())
     assert [p.stat().st_mtime_ns for p in records] == mtimes
     assert [r["results"] for r in again["rows"]] == [r["results"] for r in res["rows"]]
+
+
+@pytest.mark.slow
+def test_reproduce_chooses_beta_over_the_grid_and_runs_the_upper_bound(tmp_path: Path) -> None:
+    """`daaa reproduce --beta-grid` on the smoke preset: each L_AT row is trained at every beta of the grid, the beta
+    whose final network IWCV ranks best is the row's, and results.json / results.md record the choice and every
+    candidate; rows without L_AT are not searched. The target-supervised row trains on the labelled target-train."""
+    out = tmp_path / "grid"
+    argv = ["reproduce", "table1", "--preset", "smoke", "--rows", "S,S+Tf,ours,T-sup", "--beta-grid", "0.5,2",
+            "--out", str(out), "--quiet", "--set", f"data.data_root={tmp_path / 'nothing'}"]
+    assert main(argv) == 0
+    res = _check_results(out, "table1", ["M-MM"], ["S", "S+Tf", "ours", "T-sup"])
+    assert res["beta"] == {"grid": [0.5, 2.0], "configured": 1.0, "criterion": "iwcv"}
+    rows = {r["key"]: r for r in res["rows"]}
+    assert rows["ours"]["beta_validated"] and not rows["S+Tf"]["beta_validated"]
+    rec = rows["ours"]["results"]["M-MM"]["seeds"][0]
+    tried = rec["beta_grid"]
+    assert [t["beta"] for t in tried] == [0.5, 2.0] and [t["stage"] for t in tried] == ["rows/beta=0.5", "rows/beta=2"]
+    assert all(math.isfinite(t["iwcv"]) for t in tried)
+    best = max(tried, key=lambda t: t["iwcv"])
+    assert rec["beta"] == best["beta"] and rec["stage"] == best["stage"] and rec["final"] == best["final"]
+    assert rec["beta_chosen_by"] == "iwcv"
+    for t in tried:
+        assert (out / "M-MM" / "seed0" / t["stage"] / "stage.json").is_file()
+    assert rows["S+Tf"]["results"]["M-MM"]["seeds"][0]["beta_grid"] is None
+    # the budgets are stated: S and the upper bound from the initial weights, the others from the source network
+    assert rows["S"]["budget"]["init"] == rows["T-sup"]["budget"]["init"] == "initial weights"
+    assert rows["ours"]["budget"] == {"init": "source network", "steps": 6, "batch_size": 20}
+    assert rows["T-sup"]["train_data"] == "T (labelled)"
+    md = (out / "results.md").read_text()
+    assert "β chosen by IWCV" in md and "## Budgets" in md
+    assert f"| Ours (w L_AT) | S+T_f+T+S_f | MNIST→MNIST-M | {best['beta']:g} |" in md
 
 
 def _office_tree(root: Path) -> None:
@@ -334,8 +413,9 @@ def test_reproduce_table2_on_a_tiny_office31_tree(tmp_path: Path) -> None:
     # every kind of row on ResNet-50: the source network, both kinds of baseline, DAAA with and without S / S_f
     # (the other Table 2 rows differ from these only in adapt.train_data / adapt.beta, run on digits above)
     rows = ["S", "DANN", "JAN", "Tf+T+L_AT", "ours"]
-    argv = (["reproduce", "table2", "--tasks", "A-W", "--rows", ",".join(rows), "--out", str(out), "--quiet"]
-            + [a for s in sets for a in ("--set", s)])
+    # one beta: the validation path without its cost (the grid itself is tested on the smoke preset)
+    argv = (["reproduce", "table2", "--tasks", "A-W", "--rows", ",".join(rows), "--out", str(out), "--quiet",
+             "--beta-grid", "1"] + [a for s in sets for a in ("--set", s)])
     assert main(argv) == 0
     res = _check_results(out, "table2", ["A-W"], rows)
     d = res["data"]["A-W"]
@@ -344,4 +424,6 @@ def test_reproduce_table2_on_a_tiny_office31_tree(tmp_path: Path) -> None:
     paper = {r["key"]: r["paper"]["A-W"] for r in res["rows"]}
     assert paper["S"] == pytest.approx(0.684) and paper["JAN"] == pytest.approx(0.854)
     assert paper["ours"] == pytest.approx(0.868)
-    assert res["config"]["model"] == "resnet50"
+    assert res["config"]["model"] == "resnet50" and res["beta"]["grid"] == [1.0]
+    assert {r["key"]: r["beta_validated"] for r in res["rows"]} == {"S": False, "DANN": False, "JAN": False,
+                                                                    "Tf+T+L_AT": True, "ours": True}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Union
 
 import numpy as np
 import torch
@@ -12,7 +13,12 @@ from PIL import Image
 
 from ..errors import DataError
 
+if TYPE_CHECKING:
+    from .streaming import LazyImages
+
 LOG = logging.getLogger("daaa")
+#: a set of uint8 (N, C, H, W) images: decoded in memory, or streamed from disk within the memory budget
+Images = Union[torch.Tensor, "LazyImages"]
 
 
 @dataclass
@@ -53,10 +59,12 @@ class Domain:
 
 @dataclass
 class ImageTensors:
-    """A domain decoded once: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,) or None."""
+    """A domain ready for the networks: ``images`` uint8 (N, C, H, W) -- a tensor decoded once, or, for a domain
+    larger than ``data.cache_bytes``, a :class:`daaa.data.streaming.LazyImages` that decodes the rows it is indexed
+    with -- and ``labels`` int64 (N,) or None."""
 
     name: str
-    images: torch.Tensor
+    images: Images
     labels: torch.Tensor | None
     ids: list[str]
     classes: list[str] | None
@@ -86,8 +94,8 @@ class DomainData:
 
     source: ImageTensors
     target: ImageTensors | None = None
-    synthetic_target: torch.Tensor | None = None
-    synthetic_source: torch.Tensor | None = None
+    synthetic_target: Images | None = None
+    synthetic_source: Images | None = None
     target_test: ImageTensors | None = None
     source_val: ImageTensors | None = None
 
@@ -126,12 +134,59 @@ def check_image_size(img: Image.Image, size: int, image_id: str) -> None:
                         f"{MAX_UPSCALE}x upsampling); use larger images or a smaller data.load_size")
 
 
+class UnreadableImage(DataError):
+    """An image file that cannot be decoded (corrupt, truncated, or over PIL's decompression-bomb limit)."""
+
+
+def decode_image(read: Callable[[], Image.Image], image_id: str, channels: int) -> Image.Image:
+    """``read()``, fully decoded, in mode 'L' or 'RGB' (:func:`to_pil_mode`; an animated GIF or multi-page TIFF
+    gives its first frame). An image over PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, about
+    89 megapixels: a small file that would decode to gigabytes) is refused -- PIL only warns below twice the limit,
+    in several lines -- and so is any file PIL cannot decode: :class:`UnreadableImage` naming ``image_id``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = read()
+            img.load()
+        return to_pil_mode(img, channels)
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UnreadableImage(f"{image_id}: refused: {_first_line(e)} (PIL.Image.MAX_IMAGE_PIXELS)") from None
+    except Exception as e:  # PIL raises many types for broken files
+        raise UnreadableImage(f"{image_id}: cannot read image ({type(e).__name__}: "
+                              f"{_first_line(e) or 'corrupt'})") from None
+
+
+def open_image(path: str) -> Image.Image:
+    """The image file ``path``, loaded, its file closed at once (a multi-frame GIF or TIFF would keep it open)."""
+    with Image.open(path) as img:
+        img.load()
+        return img
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def decode_resized(domain: Domain, i: int, size: int, channels: int) -> torch.Tensor:
+    """Image ``i`` of ``domain`` as uint8 (C, ``size``, ``size``): decoded (:func:`decode_image`), checked
+    (:func:`check_image_size`) and resized. The one decoding rule of in-memory and streamed domains alike."""
+    img = decode_image(lambda: domain.read(i), domain.ids[i], channels)
+    check_image_size(img, size, domain.ids[i])
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.reshape(size, size, channels).copy()).permute(2, 0, 1)
+
+
 def load_tensors(domain: Domain, size: int, channels: int, skip_corrupt: bool = False,
                  progress: bool = False) -> ImageTensors:
-    """Decode every image of ``domain`` to a square ``size`` x ``size`` uint8 tensor, in this process.
+    """Decode every image of ``domain`` to a square ``size`` x ``size`` uint8 tensor, in this process (a domain
+    that fits ``data.cache_bytes``; a larger one is streamed: :func:`daaa.data.streaming.load_images`).
 
-    Decoding up front (not inside DataLoader workers) means a corrupt file stops the run with one line naming it,
-    or -- with ``skip_corrupt`` -- is skipped and counted.
+    Decoding up front means a corrupt file stops the run with one line naming it, or -- with ``skip_corrupt`` -- is
+    skipped and counted.
     """
     if len(domain) == 0:
         raise DataError(f"domain {domain.name}: no images found")
@@ -144,23 +199,12 @@ def load_tensors(domain: Domain, size: int, channels: int, skip_corrupt: bool = 
         iterator = tqdm(iterator, desc=f"decode {domain.name}", leave=False, mininterval=1.0)
     for i in iterator:
         try:
-            img = domain.read(i)
-            img.load()
-            img = to_pil_mode(img, channels)
-        except DataError:
-            raise
-        except Exception as e:  # PIL raises many types for broken files
+            out[len(keep)] = decode_resized(domain, i, size, channels)
+        except UnreadableImage:
             if skip_corrupt:
                 skipped.append(domain.ids[i])
                 continue
-            raise DataError(f"{domain.ids[i]}: cannot read image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
-        check_image_size(img, size, domain.ids[i])
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        out[len(keep)] = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+            raise
         keep.append(i)
     if skipped:
         LOG.warning("domain %s: skipped %d corrupt image(s), first: %s", domain.name, len(skipped), skipped[0])
@@ -187,14 +231,19 @@ def check_same_classes(source: Domain | ImageTensors, target: Domain | ImageTens
             f"class lists differ: only in {source.name}: {only_a or 'none'}; only in {target.name}: {only_b or 'none'}")
 
 
-def fingerprint(*tensors: torch.Tensor | None) -> str:
-    """SHA-256 of the tensors' bytes: the identity of a data set in a stage's cache key."""
+def fingerprint(*tensors: Images | None) -> str:
+    """SHA-256 of the tensors' bytes: the identity of a data set in a stage's cache key. A streamed set
+    (:class:`~daaa.data.streaming.LazyImages`) enters by :meth:`~daaa.data.streaming.LazyImages.identity` -- its
+    files' paths, sizes and modification times -- not by its pixels, which would cost a decoding pass."""
     import hashlib
 
     h = hashlib.sha256()
     for t in tensors:
         if t is None:
             h.update(b"none")
+            continue
+        if not isinstance(t, torch.Tensor):
+            h.update(t.identity().encode())
             continue
         t = t.detach().cpu().contiguous()
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())

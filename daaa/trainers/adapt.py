@@ -13,7 +13,7 @@ streams go through the target network in one batched forward.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -23,10 +23,12 @@ from ..attention import AttentionAlignmentLoss, FeatureRecorder
 from ..batches import MixedBatch, MixedBatchSampler
 from ..config import AdaptConfig, DataConfig
 from ..data.domain import DomainData
+from ..data.streaming import cache_room, prefetching, scan
 from ..data.transforms import prepare, train_crops
 from ..distributed import Context
 from ..em import PosteriorNetwork, confidence_mask, em_loss
 from ..errors import DaaaError
+from ..models import alignable_layers
 from ..optim import build_optimizer, set_lr
 from ..runs import Stage
 from .base import Trainer
@@ -58,6 +60,10 @@ class DAAATrainer(Trainer):
         self.sampler = MixedBatchSampler(len(data.source), len(data.target) if data.target is not None else 1,
                                          spec.batch_size, spec.proportions, spec.train_data, seed, ctx.rank,
                                          ctx.world_size)
+        # streamed data sets: DataLoader workers decode the images of the coming steps ahead (the batches and their
+        # pairing stay the sampler's, a function of (seed, step); each rank decodes its own rows)
+        self.sampler = prefetching(self.sampler, data, spec.steps, data_cfg.num_workers,
+                                   spec.target_anchors if source_net is not None else None)
         self.global_batch = spec.batch_size
         self.uses_em = bool(self.streams & {"T", "Sf"})
         self.posterior_net = PosteriorNetwork(self.net, spec.sync_interval)
@@ -65,7 +71,7 @@ class DAAATrainer(Trainer):
         # L_AT needs the frozen source net; it is computed (and logged, Fig. 4 left) even when beta = 0
         self.source_net = source_net
         self.alignment = AttentionAlignmentLoss(spec.attention, spec.discrepancy, reduction="sum")
-        self.layers = list(getattr(self.net, "aligned_layers", []))
+        self.layers = alignable_layers(self.net) if source_net is not None else []  # one line for a ViT
         self.target_features = FeatureRecorder(self.net, self.layers) if source_net is not None else None
         self.source_maps: list[torch.Tensor] | None = None  # per layer: the maps of S, then those of S_f
         if source_net is not None:
@@ -104,12 +110,23 @@ class DAAATrainer(Trainer):
                     slot.append(m)
         return [torch.cat(s) for s in out]
 
-    def _source_map_cache(self) -> list[torch.Tensor]:
+    def _source_map_cache(self) -> list[torch.Tensor] | None:
         """The frozen source net's maps of every S and S_f image (the anchors of Eq. 5), computed once; per layer
-        one tensor, S_f image j at row len(S) + j, so a step's anchors are one lookup per layer."""
-        s = self._maps_of(self.source_net, self.data.source.images)
-        sf = self._maps_of(self.source_net, self.data.synthetic_source)
-        return [torch.cat(pair) for pair in zip(s, sf)]
+        one tensor, S_f image j at row len(S) + j, so a step's anchors are one lookup per layer.
+
+        None when they do not fit what ``data.cache_bytes`` leaves beside the decoded images and M_post's posteriors
+        (N_T x K floats, always kept: small): each step's anchors then go through the source net."""
+        sets = (self.data.source.images, self.data.synthetic_source)
+        per_image = sum(m[0].numel() * m.element_size() for m in self._maps_of(self.source_net, sets[0][:1]))
+        need = per_image * (len(sets[0]) + len(sets[1]))
+        posteriors = 4 * len(self.data.target) * self.data.num_classes if self.uses_em else 0
+        room = cache_room(self.data_cfg, self.data) - posteriors
+        if need > room:
+            LOG.info("%s: the source net's attention maps (%.0f MiB) exceed what is left of data.cache_bytes "
+                     "(%.0f MiB): computed at each step", self.desc, need / 2 ** 20, max(room, 0) / 2 ** 20)
+            return None
+        parts = [self._maps_of(self.source_net, batch) for images in sets for _, batch in scan(images, 256)]
+        return [torch.cat(layer) for layer in zip(*parts)]
 
     @torch.no_grad()
     def _refresh_posteriors(self) -> None:
@@ -117,12 +134,15 @@ class DAAATrainer(Trainer):
         images = self.data.target.images
         shard = torch.arange(self.ctx.rank, len(images), self.ctx.world_size)
         probs = torch.zeros(len(images), self.data.num_classes, device=self.ctx.device)
-        for i in range(0, len(shard), 512):
-            idx = shard[i:i + 512]
-            x = prepare(images[idx], self.data_cfg, device=self.ctx.device, channels_last=self.ctx.channels_last)
-            with self.ctx.autocast():
-                probs[idx.to(self.ctx.device)] = self.posterior_net(x)
+        for idx, batch in scan(images, 512, shard):  # a streamed T: decoded ahead by the DataLoader workers
+            probs[idx.to(self.ctx.device)] = self._probabilities(self.posterior_net, batch)
         self.posterior_cache = self.ctx.all_reduce_sum(probs)
+
+    def _probabilities(self, probs_of: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        """``probs_of`` (a network's softmax) of the uint8 ``images`` as the evaluation sees them (no crop)."""
+        x = prepare(images, self.data_cfg, device=self.ctx.device, channels_last=self.ctx.channels_last)
+        with self.ctx.autocast():
+            return probs_of(x)
 
     # ------------------------------------------------------------------ Eq. 12, term by term
     def _images(self, batch: MixedBatch) -> torch.Tensor:
@@ -139,8 +159,11 @@ class DAAATrainer(Trainer):
 
         ``L_CE`` (Eq. 6) on S and T_f with the source labels, ``L_EM`` (Eq. 11) on T and S_f against M_post's
         posteriors, ``L_AT`` (Eq. 5) over every aligned layer and pair; ``em_kept`` counts the EM rows kept by p_t.
-        One forward of the target network takes the four streams; the crops come from (seed, step).
+        One forward of the target network takes the four streams; the crops come from (seed, step). The posteriors
+        are looked up (or, for EM-A, computed) first: EM-A's forward of the same network would otherwise replace the
+        features recorded for L_AT.
         """
+        posterior = self.posterior(batch)
         images = self._images(batch)
         crops = train_crops(images, self.data_cfg, self.seed, step)
         x = prepare(images, self.data_cfg, train=True, crops=crops, device=self.ctx.device,
@@ -149,7 +172,7 @@ class DAAATrainer(Trainer):
         with self.ctx.autocast():
             logits = self.model(x).float()  # S | T_f | T | S_f
         sl = batch.slices()
-        loss_em, kept = self.em_loss(batch, logits[sl["T"].start:sl["Sf"].stop], logits[sl["T"]])
+        loss_em, kept = self.em_loss(logits[sl["T"].start:sl["Sf"].stop], posterior)
         return {"L_CE": self.classification_loss(batch, logits[sl["S"].start:sl["Tf"].stop]),
                 "L_EM": loss_em, "em_kept": kept, "L_AT": self.attention_loss(batch, crops)}
 
@@ -158,31 +181,53 @@ class DAAATrainer(Trainer):
         labels = torch.cat([self.data.source.labels[batch.source_idx], self.data.source.labels[batch.tf_idx]])
         return F.cross_entropy(logits, labels.to(self.ctx.device), reduction="sum")
 
-    def em_loss(self, batch: MixedBatch, logits: torch.Tensor,
-                target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """L_EM, Eq. 11, on the T rows then the S_f rows (``logits``), with modification B's filter.
-        Returns (the loss, how many rows p_t kept)."""
+    def em_loss(self, logits: torch.Tensor, posterior: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_EM, Eq. 11, on the T rows then the S_f rows (``logits``) against :meth:`posterior` (None: no EM row can
+        count yet), with modification B's filter. Returns (the loss, how many rows p_t kept)."""
         zero = torch.zeros((), device=self.ctx.device)
-        # with p_t = 1 before the first sync every EM row is dropped, so no posterior is needed yet
-        has_posterior = self.posterior_cache is not None or not self.spec.async_posterior
-        if not self.uses_em or len(logits) == 0 or not has_posterior:
+        if posterior is None or len(logits) == 0:
             return zero, zero
-        posterior = self.posterior(batch, target_logits)
         keep = confidence_mask(posterior, self.confidence_threshold())
         return em_loss(logits, posterior, keep, reduction="sum"), keep.sum().float()
 
-    def posterior(self, batch: MixedBatch, target_logits: torch.Tensor) -> torch.Tensor:
+    def posterior(self, batch: MixedBatch) -> torch.Tensor | None:
         """p_post(z | x^T) for the T rows, then for the S_f rows: an S_f row G_TS(x^T_j) takes the posterior of its
-        real target image x^T_j (Eq. 11's second sum).
+        real target image x^T_j (Eq. 11's second sum; Sec. 3.3 assumes p(z | G_TS(x^T)) = p(z | x^T)). None when no
+        EM row can count: no EM stream in the batch, or p_t = 1 (before the first sync), which keeps none.
 
-        Modification A: the posterior comes from M_post, synced every N steps (its posteriors of every real target
-        image are cached at each sync). The EM-A ablation (``async_posterior=False``) uses the current network's
-        prediction of this forward, detached; the S_f rows are the translations of the first T rows.
+        Modification A (Sec. 3.3): the posterior comes from M_post, synced every N steps (theta^post_t =
+        theta_{floor(t/N) N}); its posteriors of every real target image are cached at each sync.
+
+        EM-A (Table 3, ``async_posterior=False``, "without asynchronous update of M_post") reads: M_post synced at
+        every step, i.e. the posterior of the *current* network in a separate no-grad forward in eval mode. The
+        training forward's own softmax cannot be meant: its L_EM gradient on a T row is exactly zero (softmax(z) - p).
+        With batch norm (ResNet-50, as in the paper's Office-31 runs) the eval-mode forward differs from the
+        training forward, and so does an augmented row (``data.augment``'s crops) from the uncropped image; on a
+        network without batch norm or dropout (the digit CNN) and uncropped images the gradient on the T rows is
+        zero and EM-A reduces to L_EM on the S_f rows only.
         """
-        if self.spec.async_posterior:
-            return self.posterior_cache[torch.cat([batch.target_idx, batch.sf_idx]).to(self.ctx.device)]
-        p = F.softmax(target_logits.detach().float(), dim=1)
-        return torch.cat([p, p[: len(batch.sf_idx)]])
+        idx = torch.cat([batch.target_idx, batch.sf_idx])
+        if not self.uses_em or len(idx) == 0 or self.confidence_threshold() >= 1.0:
+            return None
+        if not self.spec.async_posterior:
+            return self._current_posterior(idx)
+        if self.posterior_cache is None:
+            return None
+        return self.posterior_cache[idx.to(self.ctx.device)]
+
+    @torch.no_grad()
+    def _current_posterior(self, target_idx: torch.Tensor) -> torch.Tensor:
+        """EM-A: the current network's softmax in eval mode on the real target images ``target_idx`` (each distinct
+        image once: S_f rows share their T row's image)."""
+        unique, inverse = torch.unique(target_idx, return_inverse=True)
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            probs = self._probabilities(lambda x: F.softmax(self.net(x).float(), dim=1),
+                                        self.data.target.images[unique])
+        finally:
+            self.net.train(was_training)
+        return probs[inverse.to(probs.device)]
 
     def confidence_threshold(self) -> float:
         """Modification B: p_t in force (the initial threshold until the first sync); 0 keeps every row (EM-B)."""
@@ -197,10 +242,14 @@ class DAAATrainer(Trainer):
     def attention_loss(self, batch: MixedBatch, crops: torch.Tensor | None) -> torch.Tensor:
         """L_AT, Eq. 5: the four pair terms over every aligned layer, between the frozen source network's maps of
         each pair's anchor and the target network's maps of the batch row (recorded during :meth:`losses`'
-        forward). Zero without a source network."""
+        forward). Zero without a source network.
+
+        Which rows take part is :meth:`daaa.batches.MixedBatch.anchor_rows`: with ``target_anchors="all"`` (default)
+        every real target row n has its fourth-term anchor G_TS(x^T_n), as Eq. 5's sum over n reads, also in the
+        ``Tf+T`` rows that train on no S_f."""
         if self.source_net is None:
             return torch.zeros((), device=self.ctx.device)
-        target_rows, src_idx, sf_idx = batch.anchor_rows()
+        target_rows, src_idx, sf_idx = batch.anchor_rows(self.spec.target_anchors)
         anchor_maps = self._anchor_maps(crops, target_rows, src_idx, sf_idx)
         rows = target_rows.to(self.ctx.device)
         with torch.set_grad_enabled(self.spec.beta > 0):  # computed and logged (Fig. 4) even when beta = 0
@@ -211,8 +260,9 @@ class DAAATrainer(Trainer):
 
     def _anchor_maps(self, crops: torch.Tensor | None, target_rows: torch.Tensor, src_idx: torch.Tensor,
                      sf_idx: torch.Tensor) -> list[torch.Tensor]:
-        """The source net's maps of each pair's anchor image: from the cache, or one frozen forward when the
-        images are augmented (the anchor is cropped like its paired row)."""
+        """The source net's maps of each pair's anchor image -- S[src_idx], then S_f[sf_idx] (an S_f image is indexed
+        by its real target image, so a T row's anchor needs no S_f row) -- from the cache, or one frozen forward when
+        the images are augmented (the anchor is cropped like its paired row)."""
         if self.source_maps is not None:
             idx = torch.cat([src_idx, sf_idx + len(self.data.source)]).to(self.ctx.device)
             return [m[idx] for m in self.source_maps]

@@ -7,6 +7,7 @@ the stage folder, the finished model file and the metrics are :mod:`daaa.stages`
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch.nn as nn
@@ -15,6 +16,7 @@ from ..config import DataConfig
 from ..data.domain import DomainData
 from ..distributed import Context
 from ..evaluate import evaluate
+from ..models import SELECTED_FILE, save_model_file
 from ..runs import Stage
 from ..selection import summarize_selection
 from .loop import TrainingLoop
@@ -26,6 +28,10 @@ class Trainer:
     Subclasses set ``net`` (the classifier evaluated), ``data``, ``data_cfg``, ``ctx``, ``stage`` (where the loop
     keeps checkpoints), ``spec`` (``steps``, ``eval_interval``, ``checkpoint_interval``), ``probe`` (a
     :class:`daaa.selection.SelectionProbe` or None), ``progress`` and ``desc``.
+
+    With a probe, the snapshot the primary criterion (``selection.primary``) scores highest so far is kept as the
+    stage's ``model-selected.pt``; ``selected`` (its criterion, step and score) is part of every checkpoint, so a
+    resumed or extended run goes on comparing against it.
     """
 
     net: nn.Module
@@ -37,6 +43,7 @@ class Trainer:
     probe: Any = None
     progress: bool = True
     desc: str = "train"
+    selected: dict[str, Any] | None = None
 
     def step(self, step: int) -> dict[str, Any]:
         raise NotImplementedError
@@ -61,7 +68,29 @@ class Trainer:
             out["target_test_accuracy"] = evaluate(self.net, self.data.target_test, self.data_cfg, self.ctx)["accuracy"]
         if self.probe is not None:
             out.update(self.probe(self.net))
+            self._keep_selected(step, out)
         return out
+
+    def _keep_selected(self, step: int, scores: dict[str, Any]) -> None:
+        """Save the network as the stage's selected snapshot when the primary criterion's score beats every earlier
+        one: the snapshot :func:`daaa.selection.pick` chooses (the highest finite score, the earliest of ties)."""
+        criterion = self.probe.cfg.primary
+        value = scores.get(f"sel_{criterion}")
+        if value is None or not math.isfinite(value):
+            return
+        if self.selected is not None and value <= self.selected["value"]:
+            return
+        self.selected = {"criterion": criterion, "step": step, "value": float(value)}
+        if self.ctx.is_main:
+            save_model_file(self.stage.dir / SELECTED_FILE, self.net, selected=self.selected)
+
+    def _full_state(self) -> dict:
+        """The trainer's state with the selection so far and the model's description (plain types)."""
+        return {**self.state(), "selected": self.selected, "model_info": getattr(self.net, "model_info", None)}
+
+    def _load_full_state(self, state: dict) -> None:
+        self.selected = state.get("selected")
+        self.load_state(state)
 
     def fit(self) -> dict[str, Any]:
         """Train for ``spec.steps`` steps (resuming from the stage's checkpoint) and return the stage result:
@@ -69,14 +98,18 @@ class Trainer:
         self.before_fit()
         loop = TrainingLoop(self.stage, self.ctx, self.spec.steps, self.spec.checkpoint_interval,
                             self.spec.eval_interval, self.progress, self.desc)
-        history = loop.run(self.step, self.state, self.load_state, self.evaluate)
+        history = loop.run(self.step, self._full_state, self._load_full_state, self.evaluate)
         result: dict[str, Any] = {"steps": self.spec.steps, "resumed_from": loop.resumed_from}
         if self.has_target_labels:
             final = evaluate(self.net, self.data.target_test, self.data_cfg, self.ctx)
             curve = [(r["step"], r["target_test_accuracy"]) for r in history if "target_test_accuracy" in r]
             best_step, best = max(curve, key=lambda c: c[1])
             result.update({"target_test_accuracy": final["accuracy"], "target_test": final,
+                           "target_test_mean_class_accuracy": final["mean_class_accuracy"],  # VisDA's figure
                            "oracle_best_accuracy": best, "oracle_best_step": best_step, "accuracy_curve": curve})
         if self.probe is not None:
             result.update(summarize_selection(history, self.probe.criteria))
+        if self.selected is not None:
+            accuracy = result.get("selection", {}).get(self.selected["criterion"], {}).get("accuracy")
+            result["selected_snapshot"] = {**self.selected, "accuracy": accuracy, "file": SELECTED_FILE}
         return result

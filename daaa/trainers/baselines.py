@@ -3,7 +3,9 @@
 * ``dann`` -- DANN / RevGrad (Ganin & Lempitsky, ICML 2015): a domain discriminator on ``features`` behind a
   gradient reversal layer whose coefficient warms up as 2 / (1 + exp(-alpha p)) - 1, p = step / steps;
 * ``dan`` -- DAN (Long et al., ICML 2015): multi-kernel MMD between the source and target ``features``;
-* ``jan`` -- JAN (Long et al., ICML 2017): joint MMD over [features, softmax(logits)].
+* ``jan`` -- JAN (Long et al., ICML 2017): joint MMD over [features, softmax(logits)];
+* ``jan-a`` -- JAN-A (JAN's Sec. 4.3): the same JMMD after adversarial layers theta that maximise it while the
+  network minimises it (:class:`daaa.baseline_losses.JointAdversarialLayers`; theta learns at the head's rate).
 
 Identical settings to the DAAA rows: the same data (real S and real T only: the CycleGAN images are not used),
 network, optimiser and learning-rate schedule (``adapt.optim``; never restarted, as there is no M_post), steps and
@@ -26,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..baseline_losses import DomainAdversarialLoss, DomainDiscriminator, dann_coefficient, jmmd, mmd
+from ..baseline_losses import (DomainAdversarialLoss, DomainDiscriminator, JointAdversarialLayers, dann_coefficient,
+                               jmmd, mmd)
 from ..batches import MixedBatchSampler
 from ..config import BaselineConfig, Config
 from ..data.domain import DomainData
@@ -40,16 +43,18 @@ from .loop import guard_finite
 
 LOG = logging.getLogger("daaa")
 
-Method = Literal["dann", "dan", "jan"]
+Method = Literal["dann", "dan", "jan", "jan-a"]
 METHODS: dict[str, str] = {"dann": "DANN (RevGrad, gradient reversal)", "dan": "DAN (MK-MMD on features)",
-                           "jan": "JAN (JMMD on features and softmax)"}
+                           "jan": "JAN (JMMD on features and softmax)",
+                           "jan-a": "JAN-A (JMMD behind adversarial layers)"}
 
 
 class BaselineNet(nn.Module):
-    """The classifier plus, for DANN, the adversarial domain loss -- one module, so DDP sees every parameter used
-    in ``forward``. ``forward(x, n_source, coeff) -> (features, logits, domain_loss or None)``."""
+    """The classifier plus, for DANN, the adversarial domain loss (for JAN-A, the adversarial layers theta) -- one
+    module, so DDP sees every parameter used in ``forward``.
+    ``forward(x, n_source, coeff) -> (features, logits, domain_loss or None)``."""
 
-    def __init__(self, net: nn.Module, adversary: DomainAdversarialLoss | None = None):
+    def __init__(self, net: nn.Module, adversary: nn.Module | None = None):
         super().__init__()
         self.net = net
         self.adversary = adversary
@@ -57,7 +62,9 @@ class BaselineNet(nn.Module):
     def forward(self, x: torch.Tensor, n_source: int, coeff: float = 0.0):
         f = self.net.features(x)
         logits = self.net.head(f)
-        d = self.adversary(f[:n_source], f[n_source:], coeff) if self.adversary is not None else None
+        d = None
+        if isinstance(self.adversary, DomainAdversarialLoss):
+            d = self.adversary(f[:n_source], f[n_source:], coeff)
         return f, logits, d
 
     # the optimiser's parameter groups (daaa.optim.build_optimizer): the discriminator learns at the head's rate
@@ -96,12 +103,16 @@ class BaselineTrainer(Trainer):
         self.spec, self.data_cfg = cfg.adapt, cfg.data
         self.seed, self.progress, self.desc, self.probe = seed, progress, desc or method, probe
         self.net = net.to(ctx.device)
-        adversary = None
-        if method == "dann":
-            torch.manual_seed(seed)  # the discriminator's initial weights depend on the seed only
+        adversary: nn.Module | None = None
+        if method in ("dann", "jan-a"):
+            torch.manual_seed(seed)  # the adversary's initial weights depend on the seed only
             dim = feature_dim(self.net, cfg.data.channels, cfg.data.image_size)
-            adversary = DomainAdversarialLoss(DomainDiscriminator(dim, bcfg.discriminator_hidden,
-                                                                  bcfg.discriminator_dropout)).to(ctx.device)
+            if method == "dann":
+                adversary = DomainAdversarialLoss(DomainDiscriminator(dim, bcfg.discriminator_hidden,
+                                                                      bcfg.discriminator_dropout))
+            else:
+                adversary = JointAdversarialLayers([dim, data.num_classes])
+            adversary = adversary.to(ctx.device)
         self.module = BaselineNet(self.net, adversary)
         if ctx.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
@@ -131,10 +142,12 @@ class BaselineTrainer(Trainer):
             transfer = domain_loss
         elif self.method == "dan":
             transfer = mmd(f[:n_s], f[n_s:], b.kernel_mults, b.linear_mmd)
-        else:  # jan
-            p = F.softmax(logits, dim=1)
-            transfer = jmmd([f[:n_s], p[:n_s]], [f[n_s:], p[n_s:]], [b.kernel_mults, b.softmax_kernel_mults],
-                            b.linear_mmd)
+        else:  # jan, jan-a
+            layers = [f.flatten(1), F.softmax(logits, dim=1)]
+            if self.method == "jan-a":  # theta maximises the JMMD that the network minimises
+                layers = self.module.adversary(layers)
+            transfer = jmmd([x[:n_s] for x in layers], [x[n_s:] for x in layers],
+                            [b.kernel_mults, b.softmax_kernel_mults], b.linear_mmd)
         loss = loss_ce + b.tradeoff * transfer
         sums = ctx.all_reduce_sum(torch.stack([loss_ce.detach(), transfer.detach()]).float()) / ctx.world_size
         guard_finite(step, {"L_CE": sums[0], "L_transfer": sums[1]}, self.stage)

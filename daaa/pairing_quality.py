@@ -1,0 +1,264 @@
+"""Label-free pairing quality: does the translation keep what the images show? (RUN/translate/quality.json)
+
+DAAA stands on its pairs (Sec. 3.1): T_f = G_ST(x^S) inherits x^S's label, and L_AT aligns x^S with G_ST(x^S) and
+G_TS(x^T) with x^T (Eq. 5). A CycleGAN that changes the content -- a digit 8 drawn as a 2 -- still "succeeds", and a
+user without target labels cannot see it. These figures need no target label; f is the frozen source network:
+
+* ``source_round_trip_agreement``: f gives x^S and G_TS(G_ST(x^S)) the same label;
+* ``source_round_trip_accuracy``: f gives G_TS(G_ST(x^S)) the true label of x^S;
+* ``target_round_trip_agreement``: f gives G_ST(G_TS(x^T)) the label it gives x^T, over the x^T where f is confident
+  (softmax maximum >= ``cyclegan.quality.confidence``; their share is ``target_confident_share``);
+* ``target_sf_agreement``: f gives S_f = G_TS(x^T) that label too (over the same x^T; what CyCADA's semantic loss asks);
+* ``tf_legibility`` (needs no f): a network of the configured kind fitted briefly on T_f alone, with the source labels
+  (``cyclegan.quality.fit_steps`` steps of the source optimiser), reads that share of held-out T_f as their source
+  label. A coloured blur is illegible; note that a *consistent* relabelling (every 8 drawn as a 2) stays legible --
+  the round trips see that one.
+
+``warning`` is one line when a round-trip or S_f agreement is below ``cyclegan.quality.min_agreement`` or the
+legibility is below ``cyclegan.quality.min_legibility``: the translation then likely changes the content, and DAAA
+trains on wrong pairs. The figures are a diagnostic of the pairs, not a part of the method.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Config, DataConfig
+from .data.domain import fingerprint
+from .data.streaming import take
+from .data.transforms import center_crop, normalize, prepare, train_crops
+from .distributed import Context
+from .evaluate import predict
+from .models import build_model
+from .optim import build_optimizer
+from .runs import atomic_write_json, read_json_or
+
+LOG = logging.getLogger("daaa")
+
+FORMAT = "daaa-pairing-quality/1"
+AGREEMENTS = ("source_round_trip_agreement", "target_round_trip_agreement", "target_sf_agreement")
+# figure -> what it says, in the table of the log and of `daaa report`
+DESCRIPTIONS = {
+    "source_round_trip_agreement": "source round trip: f(x^S) = f(G_TS(G_ST(x^S)))",
+    "source_round_trip_accuracy": "source round trip: f(G_TS(G_ST(x^S))) = true label of x^S",
+    "target_confident_share": "target: share of x^T where f is confident (pseudo-labelled)",
+    "target_round_trip_agreement": "target round trip: f(G_ST(G_TS(x^T))) = confident f(x^T)",
+    "target_sf_agreement": "target -> S_f: f(G_TS(x^T)) = confident f(x^T)",
+    "tf_legibility": "T_f legibility: a brief T_f-only fit reads held-out T_f as their source label",
+}
+_LEGIBILITY_SEED = 104729  # the held-out split and batches of the T_f-only fit: apart from every other draw
+
+
+def local_context(device: torch.device | str) -> Context:
+    """This process alone on ``device``, fp32: the figures are measured on rank 0."""
+    return Context(0, 1, torch.device(device), None, False)
+
+
+def weights_fingerprint(net: nn.Module) -> str:
+    """The identity of a network's weights (for stage keys: a translation guided by it, its quality figures)."""
+    return fingerprint(*net.state_dict().values())
+
+
+def model_range_classifier(net: nn.Module, data_cfg: DataConfig,
+                           device: torch.device | str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
+    """A frozen copy of the classifier ``net``, on ``device``, taking CycleGAN images: float in [-1, 1], a whole
+    stored image at any side. They are shown as an evaluated image is (resized to ``data.load_size``, centre crop of
+    ``data.image_size``, normalised); gradients flow to the input only (CyCADA's semantic loss)."""
+    frozen = copy.deepcopy(net).to(device).eval()
+    frozen.requires_grad_(False)
+    load, size = data_cfg.load_size, data_cfg.image_size
+
+    def classify(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != load or x.shape[-2] != load:
+            x = F.interpolate(x, size=(load, load), mode="bilinear", align_corners=False)
+        return frozen(normalize(center_crop((x + 1.0) * 127.5, size), data_cfg))
+
+    return classify
+
+
+# ---------------------------------------------------------------------------------------------- the figures
+def share_equal(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float | None:
+    """The share of positions where the label vectors ``a`` and ``b`` agree (within ``mask``); None when empty."""
+    same = a == b
+    if mask is not None:
+        same = same[mask]
+    return round(float(same.float().mean()), 6) if same.numel() else None
+
+
+def source_figures(f: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
+                   round_trip: torch.Tensor) -> dict[str, float | None]:
+    """The source round trip x^S -> G_ST -> G_TS read by the source network ``f`` (uint8 images -> logits)."""
+    real, back = f(images).argmax(1), f(round_trip).argmax(1)
+    return {"source_round_trip_agreement": share_equal(real, back),
+            "source_round_trip_accuracy": share_equal(back, labels)}
+
+
+def target_figures(f: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, synthetic_source: torch.Tensor,
+                   round_trip: torch.Tensor | None, confidence: float) -> dict[str, float | None]:
+    """The target round trip x^T -> G_TS -> G_ST and S_f = G_TS(x^T), read by ``f`` against its own confident
+    labels of x^T (pseudo-labels: the target has none)."""
+    prob = f(images).softmax(1)
+    conf, pseudo = prob.max(1)
+    keep = conf >= confidence
+    out = {"target_confident_share": share_equal(keep, torch.ones_like(keep)),
+           "target_sf_agreement": share_equal(f(synthetic_source).argmax(1), pseudo, keep),
+           "target_round_trip_agreement": None}
+    if round_trip is not None:
+        out["target_round_trip_agreement"] = share_equal(f(round_trip).argmax(1), pseudo, keep)
+    return out
+
+
+def tf_legibility(synthetic_target: torch.Tensor, labels: torch.Tensor, cfg: Config,
+                  device: torch.device | str) -> float | None:
+    """The share of held-out T_f that a network fitted briefly on the other T_f (with their source labels) reads
+    as their source label: the preset's network, fresh, ``cyclegan.quality.fit_steps`` steps of the source
+    optimiser with the training augmentation. None when switched off (0 steps) or with fewer than 2 images."""
+    q = cfg.cyclegan.quality
+    if q.fit_steps == 0 or len(synthetic_target) < 2:
+        return None
+    gen = torch.Generator().manual_seed(cfg.runtime.seed + _LEGIBILITY_SEED)
+    order = torch.randperm(len(synthetic_target), generator=gen)
+    n_held = min(len(order) - 1, max(1, round(len(order) * q.held_out_fraction)))
+    held, fit = order[:n_held], order[n_held:]
+    with torch.random.fork_rng(devices=[]):  # its own weights; the run's global RNG is left as it was
+        torch.manual_seed(cfg.runtime.seed + _LEGIBILITY_SEED)
+        net = build_model(cfg.model, int(labels.max()) + 1, cfg.data.channels, cfg.data.image_size).to(device)
+    opt = build_optimizer(net, cfg.source.optim)
+    net.train()
+    for step in range(q.fit_steps):
+        idx = fit[torch.randint(len(fit), (q.fit_batch_size,), generator=gen)]
+        batch = synthetic_target[idx]
+        x = prepare(batch, cfg.data, train=True, crops=train_crops(batch, cfg.data, cfg.runtime.seed, step),
+                    device=torch.device(device))
+        loss = F.cross_entropy(net(x), labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    pred = predict(net, take(synthetic_target, held), cfg.data, local_context(device)).argmax(1)
+    return share_equal(pred, labels[held])
+
+
+def warning_of(figures: dict[str, Any], cfg: Config) -> str | None:
+    """One line when the figures say the translation changes what the images show, else None."""
+    q = cfg.cyclegan.quality
+    low = [f"{k} {figures[k] * 100:.1f}% < {q.min_agreement * 100:.0f}%" for k in AGREEMENTS
+           if figures.get(k) is not None and figures[k] < q.min_agreement]
+    if figures.get("tf_legibility") is not None and figures["tf_legibility"] < q.min_legibility:
+        low.append(f"tf_legibility {figures['tf_legibility'] * 100:.1f}% < {q.min_legibility * 100:.0f}%")
+    if not low:
+        return None
+    return ("the translation seems to change what the images show (" + "; ".join(low) + "): DAAA would train on "
+            "wrong pairs; see README 'Pairing quality' (e.g. cyclegan.lambda_semantic, more cyclegan.steps)")
+
+
+# ---------------------------------------------------------------------------------------------- measure, keep, show
+def quality_key(cfg: Config, data: Any, round_trips: tuple[torch.Tensor | None, torch.Tensor | None],
+                source_net: nn.Module | None) -> dict[str, Any]:
+    """What decides the figures: the pairs, the source network, and (for the T_f fit) its settings."""
+    d = {k: v for k, v in dataclasses.asdict(cfg.data).items()
+         if k not in ("data_root", "download", "cache_bytes", "num_workers")}  # not what the figures depend on
+    legibility = {"synthetic_target": fingerprint(data.synthetic_target, data.source.labels),
+                  "quality": dataclasses.asdict(cfg.cyclegan.quality), "model": dataclasses.asdict(cfg.model),
+                  "data": d, "optim": dataclasses.asdict(cfg.source.optim), "seed": cfg.runtime.seed}
+    pairs = fingerprint(data.source.images, data.target.images, data.synthetic_source, *round_trips)
+    return {"legibility": legibility, "pairs": pairs,
+            "source_network": weights_fingerprint(source_net) if source_net is not None else None}
+
+
+def measure(cfg: Config, data: Any, round_trips: tuple[torch.Tensor | None, torch.Tensor | None],
+            source_net: nn.Module | None, device: torch.device | str,
+            previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """quality.json's content for the pairs of ``data`` (a :class:`~daaa.data.domain.DomainData` with its
+    synthetic streams) and ``round_trips`` = (G_TS(G_ST(x^S)), G_ST(G_TS(x^T))) (None: not known). Without a
+    ``source_net`` only the T_f legibility is measured; ``previous`` (an earlier quality.json) lends its
+    legibility when the T_f fit would be the same."""
+    key = quality_key(cfg, data, round_trips, source_net)
+    figures: dict[str, float | None] = dict.fromkeys(DESCRIPTIONS)
+    old = previous or {}
+    if (old.get("key") or {}).get("legibility") == key["legibility"]:
+        figures["tf_legibility"] = (old.get("figures") or {}).get("tf_legibility")
+    else:
+        figures["tf_legibility"] = tf_legibility(data.synthetic_target, data.source.labels, cfg, device)
+    notes = []
+    if source_net is None:
+        notes.append("no finished source network in the run folder: only the T_f legibility is measured "
+                     "(`daaa run` measures every figure after the source stage)")
+    else:
+        net = source_net.to(device)
+        ctx = local_context(device)
+
+        def f(images: torch.Tensor) -> torch.Tensor:
+            return predict(net, images, cfg.data, ctx)
+
+        if round_trips[0] is None:
+            notes.append("the translation holds no round trips (user folders, or made by an older daaa): the "
+                         "round-trip figures are not measured")
+        else:
+            figures.update(source_figures(f, data.source.images, data.source.labels, round_trips[0]))
+        figures.update(target_figures(f, data.target.images, data.synthetic_source, round_trips[1],
+                                      cfg.cyclegan.quality.confidence))
+    return {"format": FORMAT, "key": key, "figures": figures, "warning": warning_of(figures, cfg), "notes": notes,
+            "n_source": len(data.source), "n_target": len(data.target)}
+
+
+def measure_into(stage_dir: Path, cfg: Config, data: Any,
+                 round_trips: tuple[torch.Tensor | None, torch.Tensor | None], source_net: nn.Module | None,
+                 device: torch.device | str) -> dict[str, Any]:
+    """Measure (or reuse, when its key is unchanged) ``stage_dir``/quality.json, write it, log its table and
+    warning; returns its content."""
+    path = Path(stage_dir) / "quality.json"
+    old = read_json_or(path, {})
+    old = old if isinstance(old, dict) else {}
+    key = quality_key(cfg, data, round_trips, source_net)
+    if old.get("format") == FORMAT and old.get("key") == key:
+        quality = old
+    else:
+        quality = measure(cfg, data, round_trips, source_net, device, old)
+        atomic_write_json(path, quality)
+    LOG.info("pairing quality (label-free, f = the frozen source network; %s):\n%s", path, format_table(quality))
+    if quality.get("warning"):
+        LOG.warning("pairing quality: %s", quality["warning"])
+    return quality
+
+
+def table_rows(quality: dict[str, Any]) -> list[list[str]]:
+    """[figure, what it says, value, warning below] for every figure of a quality.json."""
+    figures = quality.get("figures") or {}
+    q = (quality.get("key") or {}).get("legibility", {}).get("quality", {})
+    rows = []
+    for name, text in DESCRIPTIONS.items():
+        v = figures.get(name)
+        limit = q.get("min_agreement") if name in AGREEMENTS else q.get("min_legibility") if name == "tf_legibility" \
+            else None
+        rows.append([name, text, "-" if v is None else f"{v * 100:.1f}%",
+                     "-" if limit is None else f"{limit * 100:.0f}%"])
+    return rows
+
+
+def format_table(quality: dict[str, Any]) -> str:
+    """The figures as a short text table (for the log), then the notes."""
+    lines = [f"  {text:<78s} {value:>6s}" for _, text, value, _ in table_rows(quality)]
+    return "\n".join(lines + [f"  ({note})" for note in quality.get("notes") or []])
+
+
+def report_blocks(run_dir: Path) -> list[tuple]:
+    """The blocks of `daaa report` (see :mod:`daaa.report`) for RUN/translate/quality.json; none without it."""
+    quality = read_json_or(Path(run_dir) / "translate" / "quality.json")
+    if not isinstance(quality, dict) or quality.get("format") != FORMAT:
+        return []
+    blocks: list[tuple] = [("h", 3, "pairing quality (label-free)"),
+                           ("table", ["figure", "what it measures (f: the frozen source network)", "value",
+                                      "warning below"], table_rows(quality))]
+    if quality.get("warning"):
+        blocks.append(("p", f"Warning: {quality['warning']}"))
+    blocks += [("p", note) for note in quality.get("notes") or []]
+    return blocks
