@@ -45,6 +45,7 @@ import torch
 
 from .config import Config
 from .data.domain import DomainData, ImageTensors
+from .data.streaming import release_freed_memory
 from .distributed import Context
 from .runs import Stage, atomic_write_json
 from .trainers.adapt import DAAATrainer
@@ -103,18 +104,6 @@ def daaa_trainer(cfg: Config, data: DomainData, ctx: Context, folder: Path, name
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def _libc():
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # glibc only
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _libc()
 
 
 class PeakMemory:
@@ -148,8 +137,7 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated(self.device)
         elif self.method.startswith("VmHWM"):
             gc.collect()
-            if _LIBC is not None:  # give freed heap pages back, so the block's allocations show in the RSS again
-                _LIBC.malloc_trim(0)
+            release_freed_memory()  # freed heap pages back to the system: the block's allocations show again
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             self._base = self._status("VmRSS")

@@ -49,6 +49,7 @@ def test_lazy_images_decode_the_same_pixels_as_the_in_memory_domain(tmp_path):
     lazy = LazyImages(domain, 16, 3, num_workers=2)
     assert lazy.shape == eager.shape and len(lazy) == 11 and lazy.nbytes == eager.nbytes
     assert torch.equal(lazy[:], eager) and torch.equal(lazy[3], eager[3]) and torch.equal(lazy[-1], eager[-1])
+    assert torch.equal(lazy[np.int64(2)], eager[2]) and torch.equal(lazy[torch.tensor(4)], eager[4])
     idx = torch.tensor([9, 0, 4, 4])
     assert torch.equal(lazy[idx], eager[idx]) and torch.equal(lazy[[1, 2]], eager[[1, 2]])
     assert torch.equal(lazy[torch.arange(11) % 2 == 0], eager[::2])
@@ -72,6 +73,20 @@ def test_budget_decides_memory_or_stream(tmp_path):
     assert isinstance(both["source"].images, torch.Tensor) and isinstance(both["target"].images, LazyImages)
     data = DomainData(both["source"], both["target"])
     assert cache_room(_cfg(cache_bytes=8 * per_image), data) == 2 * per_image
+
+
+def test_budget_options_are_checked():
+    from daaa.errors import ConfigError
+
+    for bad in ("data.cache_bytes=-1", "data.num_workers=-2"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]) as e:
+            load_config("smoke", [bad])
+        assert "\n" not in str(e.value)
+    cfg = load_config("smoke", ["data.cache_bytes=0", "data.num_workers=0"])
+    assert (cfg.data.cache_bytes, cfg.data.num_workers) == (0, 0)
+    from daaa.pipeline import _data_key
+
+    assert _data_key(cfg) == _data_key(load_config("smoke"))  # how data are held changes no stage's result
 
 
 def test_fingerprint_of_a_streamed_domain_is_its_files(tmp_path):

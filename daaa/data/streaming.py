@@ -88,7 +88,7 @@ class LazyImages:
         return rows
 
     def __getitem__(self, index: Any) -> torch.Tensor:
-        if isinstance(index, int) or (isinstance(index, torch.Tensor) and index.dim() == 0):
+        if not isinstance(index, slice) and torch.as_tensor(index).dim() == 0:  # one image: (C, H, W)
             return self.decode(self.index_rows([int(index)]))[0]
         return self.decode(self.index_rows(index))
 
@@ -173,6 +173,27 @@ def _context() -> Any:
     return multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
 
 
+def _libc() -> Any:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+
+
+def release_freed_memory() -> None:
+    """Hand the heap pages that freed tensors left behind back to the system (glibc's ``malloc_trim``; a no-op
+    elsewhere). Done before workers are forked: a forked worker maps all of its parent's anonymous memory."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 def _cores() -> int:
     """CPU cores this process may run on: more workers than that only wait (and DataLoader warns in many lines)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -185,6 +206,7 @@ def ordered_map(fn: Callable[[Any], Any], keys: Sequence[Any], workers: int) -> 
     if workers <= 0 or len(keys) <= 1 or context is None:
         yield from map(fn, keys)
         return
+    release_freed_memory()
     loader = DataLoader(_Calls(fn, keys), batch_size=None, num_workers=min(workers, len(keys), _cores()),
                         multiprocessing_context=context, worker_init_fn=_worker_init)
     it, finished = iter(loader), False
