@@ -183,8 +183,10 @@ def _reproduce_command(sub) -> None:
 
 def _config(args: argparse.Namespace):
     from .config import load_config
+    from .models import check_arch
 
     cfg = load_config(args.preset, args.overrides)
+    check_arch(cfg.model.arch)  # an unknown network is refused before any data is read
     if getattr(args, "quiet", False):
         cfg.runtime.progress = False
     return cfg
@@ -400,6 +402,7 @@ def _beta_grid(args: argparse.Namespace, by_validation: bool) -> list[float] | N
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from . import distributed
     from .config import load_config
+    from .models import check_arch
     from .reproduce import EXPERIMENTS, parse_tasks, reproduce
     from .runs import prepare_run_dir, setup_logging
 
@@ -408,6 +411,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if not _overridden(overrides, "data.source_val_fraction"):
         overrides.insert(0, "data.source_val_fraction=0.1")  # the held-out split of label-free selection
     cfg = load_config(args.preset or exp.default_preset, overrides)
+    check_arch(cfg.model.arch)
     grid = _beta_grid(args, exp.beta_by_validation)
     if args.quiet:
         cfg.runtime.progress = False

@@ -376,16 +376,14 @@ def check_pairing_quality(c: CycleGANConfig) -> None:
 
 
 def check_model(m: ModelConfig) -> None:
-    """Raise ConfigError for an unknown model.arch (close names listed) or a bad model.aligned_layers."""
+    """Raise ConfigError for a bad model.aligned_layers. (An unknown model.arch is found by
+    :func:`daaa.models.check_arch`, which needs torchvision/timm: the command line calls it right after loading the
+    configuration, and :func:`daaa.models.build_model` again.)"""
     if isinstance(m.aligned_layers, str) and m.aligned_layers not in ALIGN_RULES:
         raise ConfigError(f"option model.aligned_layers: {m.aligned_layers!r} is not one of {', '.join(ALIGN_RULES)} "
                           "or a list of module names")
     if isinstance(m.aligned_layers, list) and not m.aligned_layers:
         raise ConfigError("option model.aligned_layers: an empty list (give module names, or all-but-stem)")
-    if m.arch != "digit_cnn":  # torchvision / timm are imported only for their networks
-        from .models import check_arch
-
-        check_arch(m.arch)
 
 
 def validate(cfg: Config) -> None:

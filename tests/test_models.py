@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from daaa.config import ModelConfig, load_config
 from daaa.errors import ConfigError, DaaaError
-from daaa.models import (Classifier, ResNet50, aligned_layers, alignable_layers, build_model, describe,
+from daaa.models import (Classifier, ResNet50, aligned_layers, alignable_layers, build_model, check_arch, describe,
                          load_model_file, model_info, model_key, read_model_file, save_model_file)
 from daaa.runs import Stage
 
@@ -71,12 +71,12 @@ def test_a_small_torchvision_network_trains_a_step_on_the_cpu():
 
 def test_unknown_names_are_one_line_with_close_matches(monkeypatch):
     with pytest.raises(ConfigError, match=r"unknown architecture 'resnet181' \(close: resnet18"):
-        load_config("smoke", ["model.arch=resnet181"])
+        check_arch(load_config("smoke", ["model.arch=resnet181"]).model.arch)
     with pytest.raises(ConfigError, match="model.aligned_layers: 'every-conv' is not one of"):
         load_config("smoke", ["model.aligned_layers=every-conv"])
     monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
     with pytest.raises(ConfigError, match=r"timm/NAME needs the timm package \(pip install 'daaa\[timm\]'\)"):
-        load_config("smoke", ["model.arch=timm/resnet18"])
+        check_arch(load_config("smoke", ["model.arch=timm/resnet18"]).model.arch)
 
 
 def test_a_transformer_is_refused_for_L_AT_and_a_too_small_input_is_one_line():
