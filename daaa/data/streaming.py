@@ -159,6 +159,8 @@ class _Calls(Dataset):
             return self.fn(self.keys[k])
         except DataError as e:
             return _Failure(type(e), str(e))
+        finally:
+            release_freed_memory()  # a long-lived worker's heap would otherwise grow with every image it decodes
 
 
 def _worker_init(_: int) -> None:
@@ -188,8 +190,10 @@ _LIBC = _libc()
 
 
 def release_freed_memory() -> None:
-    """Hand the heap pages that freed tensors left behind back to the system (glibc's ``malloc_trim``; a no-op
-    elsewhere). Done before workers are forked: a forked worker maps all of its parent's anonymous memory."""
+    """Hand the heap pages that freed tensors and decoded images left behind back to the system (glibc's
+    ``malloc_trim``, about 0.1 ms; a no-op elsewhere). Without it the heap of a process that decodes and computes
+    batch after batch keeps growing with the number of batches (fragmentation), so with the data set's size; and a
+    forked worker maps all of its parent's anonymous memory."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
@@ -262,6 +266,7 @@ def scan_chunks(images: Images, chunks: list[torch.Tensor], progress: bool = Fal
         for c, pixels in zip(chunks, ordered_map(images.decode, chunks, images.num_workers)):
             bar.update(len(c))
             yield c, pixels
+            release_freed_memory()  # what the caller made of the last batch is freed: a scan holds one batch
     finally:
         bar.close()
 
@@ -308,7 +313,7 @@ def load_domains(domains: dict[str, Domain], cfg: DataConfig, progress: bool = F
 def readable_part(domain: Domain, cfg: DataConfig, progress: bool = False) -> Domain:
     """``domain`` without its images that cannot be decoded (``data.skip_corrupt`` on a streamed domain), found by
     one decoding pass in the workers; logged as :func:`~daaa.data.domain.load_tensors` logs them."""
-    probe = LazyImages(domain, cfg.load_size, cfg.channels, cfg.num_workers)
+    from tqdm import tqdm
 
     def unreadable(rows: torch.Tensor) -> list[int]:
         bad = []
@@ -319,9 +324,7 @@ def readable_part(domain: Domain, cfg: DataConfig, progress: bool = False) -> Do
                 bad.append(i)
         return bad
 
-    chunks = chunked(torch.arange(len(probe)), 256)
-    from tqdm import tqdm
-
+    chunks = chunked(torch.arange(len(domain)), 256)
     bad = [i for found in tqdm(ordered_map(unreadable, chunks, cfg.num_workers), total=len(chunks),
                                desc=f"check {domain.name}", disable=not progress, leave=False) for i in found]
     if not bad:
