@@ -428,7 +428,7 @@ def labelled_target(cfg: Config, target: str, data: Any) -> Any:
     ``hidden_labels`` by :func:`daaa.data.resolve_domain`), for the target-supervised row only. Refused when they have
     no labels, share an image with the target test set, or name other classes than the source."""
     from .data import resolve_domain
-    from .data.domain import load_tensors
+    from .data.streaming import cache_room, load_images
 
     dom = resolve_domain(target, "target", cfg.data)
     labels = dom.info.get("hidden_labels")
@@ -439,9 +439,9 @@ def labelled_target(cfg: Config, target: str, data: Any) -> Any:
         raise DaaaError(f"{what} shares images with --target-test: training on their labels would test on them")
     if dom.classes != data.source.classes:
         raise DaaaError(f"{what} names other classes than the source")
-    d = cfg.data
-    return load_tensors(replace(dom, name=f"{dom.name}:labelled", labels=list(labels)), d.load_size,
-                        d.channels, d.skip_corrupt)
+    # decoded within what data.cache_bytes leaves beside the other sets, else streamed like them
+    return load_images(replace(dom, name=f"{dom.name}:labelled", labels=list(labels)), cfg.data,
+                       cache_room(cfg.data, data))
 
 
 def _seed_folder(cfg: Config, runs_dir: Path, task_id: str, seed: int, ctx: Context) -> tuple[Config, Path]:

@@ -304,6 +304,13 @@ def test_labelled_target_keeps_the_withheld_labels_and_refuses_test_images(tmp_p
     labelled = labelled_target(cfg, "demo", data)
     assert torch.equal(labelled.images, data.target.images) and labelled.labels is not None
     assert labelled.classes == data.source.classes and len(set(labelled.labels.tolist())) == 10
+    from dataclasses import replace
+
+    from daaa.data.streaming import LazyImages
+    small = replace(cfg, data=replace(cfg.data, cache_bytes=1))  # past the budget it is streamed, as the others are
+    streamed = labelled_target(small, "demo", data)
+    assert isinstance(streamed.images, LazyImages) and torch.equal(streamed.labels, labelled.labels)
+    assert torch.equal(streamed.images[torch.arange(5)], labelled.images[:5])
     test = data.target_test
     data.target_test = Tensors(test.name, test.images[:1], test.labels[:1], [data.target.ids[3]], test.classes)
     with pytest.raises(Exception, match="shares images with --target-test"):

@@ -186,6 +186,28 @@ def test_prefetched_streamed_training_equals_in_memory(tmp_path, monkeypatch, ov
     assert _run(resumed, range(len(steps), len(steps) + 2)) == _run(eager, range(len(steps), len(steps) + 2))
 
 
+def test_prefetched_streamed_baseline_equals_in_memory(tmp_path):
+    """The baseline trainer (DANN here) reads streamed S and T through the same prefetch: identical steps."""
+    from daaa.runs import Stage
+    from daaa.trainers.baselines import BaselineTrainer
+
+    cfg = load_config("smoke", ["adapt.steps=3"])
+    data = bench.synthetic_data(cfg)
+    streamed = _streamed(data, tmp_path)
+
+    def trainer(d: DomainData, name: str) -> BaselineTrainer:
+        torch.manual_seed(0)
+        net = bench._bench_model(cfg, d)
+        return BaselineTrainer("dann", cfg, cfg.baseline, d, CPU, Stage(tmp_path, name, {}), net, progress=False)
+
+    eager, lazy = trainer(data, "eager"), trainer(streamed, "lazy")
+    assert isinstance(lazy.sampler, PrefetchingSampler) and not isinstance(eager.sampler, PrefetchingSampler)
+    torch.manual_seed(1)  # the discriminator's dropout draws from the global RNG
+    got = _run(lazy, range(3))
+    torch.manual_seed(1)
+    assert got == _run(eager, range(3))
+
+
 def test_source_map_cache_is_bounded_by_the_budget(tmp_path):
     cfg = load_config("smoke", ["adapt.confidence_threshold=0.105"])
     data = bench.synthetic_data(cfg)

@@ -211,8 +211,10 @@ def ordered_map(fn: Callable[[Any], Any], keys: Sequence[Any], workers: int) -> 
         yield from map(fn, keys)
         return
     release_freed_memory()
+    # a private generator: a DataLoader iterator otherwise draws its workers' base seed from the global RNG, and a
+    # streamed run's dropout (DANN's discriminator) would then differ from the in-memory run's
     loader = DataLoader(_Calls(fn, keys), batch_size=None, num_workers=min(workers, len(keys), _cores()),
-                        multiprocessing_context=context, worker_init_fn=_worker_init)
+                        multiprocessing_context=context, worker_init_fn=_worker_init, generator=torch.Generator())
     it, finished = iter(loader), False
     try:
         for out in it:

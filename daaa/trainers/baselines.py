@@ -33,6 +33,7 @@ from ..baseline_losses import (DomainAdversarialLoss, DomainDiscriminator, Joint
 from ..batches import MixedBatchSampler
 from ..config import BaselineConfig, Config
 from ..data.domain import DomainData
+from ..data.streaming import prefetching
 from ..data.transforms import prepare, train_crops
 from ..distributed import Context
 from ..errors import DaaaError
@@ -121,6 +122,8 @@ class BaselineTrainer(Trainer):
         self.scaler = ctx.grad_scaler()
         self.sampler = MixedBatchSampler(len(data.source), len(data.target), self.spec.batch_size, bcfg.proportions,
                                          "S+T", seed, ctx.rank, ctx.world_size)
+        # streamed data sets: the coming steps' rows are decoded ahead by DataLoader workers, as in DAAATrainer
+        self.sampler = prefetching(self.sampler, data, self.spec.steps, cfg.data.num_workers, None)
 
     def step(self, step: int) -> dict[str, Any]:
         ctx, spec, b = self.ctx, self.spec, self.bcfg
