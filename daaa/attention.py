@@ -14,7 +14,7 @@ Usable in any training loop::
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -61,25 +61,31 @@ class _ChannelEnergy(torch.autograd.Function):
         return f * (2.0 * grad).unsqueeze(1)
 
 
+#: a layer to record: its name in ``named_modules()``, or (name, fn) to record ``fn(output)`` instead of its output
+#: (e.g. the activation applied to a conv's batch-normed output: :func:`daaa.models.attention_taps`)
+Tap = Union[str, Tuple[str, Callable[[torch.Tensor], torch.Tensor]]]
+
+
 class FeatureRecorder:
     """Records the outputs of named layers of a network during its forward passes (forward hooks).
 
-    ``features`` holds the outputs of the last forward, in the order of ``layers``. A context manager, so the
-    hooks never outlive their use.
+    ``features`` holds the outputs of the last forward, in the order of ``layers`` (names, or (name, fn) pairs whose
+    ``fn`` is applied to the output as it is recorded). A context manager, so the hooks never outlive their use.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str]):
+    def __init__(self, model: nn.Module, layers: Sequence[Tap]):
         modules = dict(model.named_modules())
-        missing = [n for n in layers if n not in modules]
+        taps = [(t, None) if isinstance(t, str) else tuple(t) for t in layers]
+        missing = [n for n, _ in taps if n not in modules]
         if missing:
             raise KeyError(f"model has no layer(s) {missing}")
         self._slots: dict[str, torch.Tensor] = {}
-        self.layers = list(layers)
-        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in layers]
+        self.layers = [n for n, _ in taps]
+        self._handles = [modules[n].register_forward_hook(self._hook(n, fn)) for n, fn in taps]
 
-    def _hook(self, name: str):
+    def _hook(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor] | None):
         def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-            self._slots[name] = output
+            self._slots[name] = output if fn is None else fn(output)
         return hook
 
     @property

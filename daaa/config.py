@@ -51,6 +51,8 @@ class DataConfig:
     source_val_fraction: float = 0.0
 
 
+#: where L_AT reads the feature maps of an aligned layer (adapt.attention_tap; daaa.models.attention_taps)
+ATTENTION_TAPS = ("conv", "activation", "block")
 #: the rules of model.aligned_layers (daaa.models.aligned_layers), besides an explicit list of module names
 ALIGN_RULES = ("all-but-stem", "stage-outputs")
 
@@ -137,6 +139,9 @@ class CycleGANConfig:
     decay_start: int = 500  # constant lr until here, then linear decay to 0 at `steps`
     batch_size: int = 32
     translate_batch_size: int = 256
+    # images per translated shard: the unit a killed translation resumes from and, under torchrun, the unit the
+    # ranks share out (shard k on rank k mod world size)
+    shard_size: int = 1000
     checkpoint_interval: int = 200
     log_interval: int = 25
     quality: PairingQualityConfig = field(default_factory=PairingQualityConfig)
@@ -158,6 +163,9 @@ class AdaptConfig:
     # Eq. 5's fourth term: "all" real target rows, each against its translation G_TS(x^T) (the paper's sum over n);
     # "paired" = daaa's earlier reading, only the T rows whose S_f is in the same batch (kept to measure the change)
     target_anchors: Literal["all", "paired"] = "all"
+    # where F_l of Eq. 4 is read (daaa.models.attention_taps): the conv's output (default; signed features, as the
+    # paper's |F| suggests), after its activation, or the residual blocks' outputs
+    attention_tap: Literal["conv", "activation", "block"] = "conv"
     sync_interval: int = 200  # N: M_post copies the target network every N steps
     confidence_threshold: float = 0.95  # p_t after the first sync
     initial_confidence_threshold: float = 1.0  # p_t before the first sync (1 keeps no EM sample)
@@ -404,6 +412,7 @@ def validate(cfg: Config) -> None:
     for name, v in (("source.steps", cfg.source.steps), ("adapt.steps", a.steps), ("cyclegan.steps", cfg.cyclegan.steps),
                     ("source.batch_size", cfg.source.batch_size), ("adapt.batch_size", a.batch_size),
                     ("cyclegan.batch_size", cfg.cyclegan.batch_size), ("adapt.sync_interval", a.sync_interval),
+                    ("cyclegan.shard_size", cfg.cyclegan.shard_size),
                     ("data.image_size", cfg.data.image_size)):
         if v <= 0:
             raise ConfigError(f"option {name}: {v} must be positive")

@@ -79,6 +79,15 @@ class Context:
         return box[0]
 
 
+    def all_gather_object(self, obj: object) -> list[object]:
+        """``obj`` of every rank, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out: list[object] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
 _CONTEXT: Context | None = None
 
 

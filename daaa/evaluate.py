@@ -70,10 +70,10 @@ def load_network(cfg: Config, num_classes: int, path: str | Path) -> nn.Module:
 
 
 @torch.no_grad()
-def attention_maps_of(net: nn.Module, images: torch.Tensor, layers: Sequence[str], data_cfg: DataConfig,
+def attention_maps_of(net: nn.Module, images: torch.Tensor, layers: Sequence[Any], data_cfg: DataConfig,
                       device: torch.device | str, kind: str = "l2") -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The attention maps (Eq. 4, or ``kind``) of ``layers`` of ``net`` over uint8 ``images``, each (N, h, w) on the
-    CPU, and the predicted classes (N,)."""
+    """The attention maps (Eq. 4, or ``kind``) of ``layers`` (names or :data:`daaa.attention.Tap` pairs) of ``net``
+    over uint8 ``images``, each (N, h, w) on the CPU, and the predicted classes (N,)."""
     from .attention import FeatureRecorder, attention_map
 
     net = net.to(device).eval()

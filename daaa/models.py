@@ -21,6 +21,7 @@ folder's network can be rebuilt and used without its configuration (:func:`load_
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import logging
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .config import ALIGN_RULES, Config, ModelConfig
+from .config import ALIGN_RULES, ATTENTION_TAPS, Config, ModelConfig
 from .errors import ConfigError, DaaaError
 from .runs import atomic_torch_save, load_torch_file
 
@@ -355,6 +356,74 @@ def aligned_layers(net: nn.Module, rule: str | list[str] = "all-but-stem") -> li
         return [n for n in holders if n not in leave_out]
     return [n for n, m in modules.items()
             if isinstance(m, nn.Conv2d) and not any(_under(n, p) for p in leave_out)]
+
+
+#: activation modules an "activation" tap may apply (the first one found beside the conv, else ReLU)
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish)
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def attention_taps(net: nn.Module, tap: str = "conv") -> list[Any]:
+    """Where L_AT reads the feature maps F_l of Eq. 4 for each of ``net.aligned_layers`` (``adapt.attention_tap``),
+    as :class:`daaa.attention.FeatureRecorder` layers:
+
+    * ``"conv"`` (default) -- the conv's own output: before the ReLU in the digit CNN, before batch norm in ResNet.
+      The paper's A(x) = sum_c |F_c(x)|^2 takes an absolute value, which only means something for signed features:
+      we read "the feature maps w.r.t. layer l" as the layer's linear output;
+    * ``"activation"`` -- after the nonlinearity that follows the conv: act(norm(conv)) where a norm layer follows
+      it (ResNet's bnK after convK; for a bottleneck's last conv this is the branch before the residual sum);
+    * ``"block"`` -- the outputs of the residual blocks holding the aligned convs (ResNet's ``layerX.Y``, after the
+      sum and its ReLU: 16 maps on ResNet-50); a conv that is a stage of its own (the digit CNN's) reads as
+      ``"activation"``.
+
+    Layers that are not convs (``model.aligned_layers=stage-outputs`` or named modules) are read as they are.
+    """
+    if tap not in ATTENTION_TAPS:
+        raise ConfigError(f"option adapt.attention_tap: {tap!r} is not one of {', '.join(ATTENTION_TAPS)}")
+    layers = alignable_layers(net)
+    if tap == "conv":
+        return layers
+    modules = dict(net.named_modules())
+    _, stages = _trunk(net)
+    out: list[Any] = []
+    for name in layers:
+        if not isinstance(modules[name], nn.Conv2d):
+            item: Any = name
+        elif tap == "block" and (block := _block_of(name, stages)) is not None:
+            item = block
+        else:
+            item = _activation_tap(net, modules, name)
+        if item not in out:
+            out.append(item)
+    return out
+
+
+def _block_of(name: str, stages: list[str]) -> str | None:
+    """The residual block holding conv ``name``: the child of its stage it lies under (None: the conv is a stage)."""
+    for stage in stages:
+        if _under(name, stage) and name != stage:
+            return f"{stage}.{name[len(stage) + 1:].split('.')[0]}"
+    return None
+
+
+def _activation_tap(net: nn.Module, modules: dict[str, nn.Module], conv: str) -> tuple[str, Any]:
+    """(module to hook, activation) for conv ``conv``: the norm layer registered right after it in the same parent
+    (if any), and a copy, never in place, of the first activation module beside it (its parent's, else the net's)."""
+    parent = conv.rpartition(".")[0]
+    siblings = list((modules[parent] if parent else net).named_children())
+    names = [n for n, _ in siblings]
+    own = conv.rpartition(".")[2]
+    hooked = conv
+    i = names.index(own) if own in names else -1
+    if 0 <= i < len(siblings) - 1 and isinstance(siblings[i + 1][1], _NORMS):
+        hooked = f"{parent}.{names[i + 1]}" if parent else names[i + 1]
+    found = [m for _, m in siblings if isinstance(m, _ACTIVATIONS)] or \
+        [m for m in net.modules() if isinstance(m, _ACTIVATIONS)]
+    act = copy.deepcopy(found[0]) if found else nn.ReLU()
+    if hasattr(act, "inplace"):
+        act.inplace = False
+    # ReLU keeps its output for backward; others keep their input, which the network may change in place after
+    return hooked, act if isinstance(act, nn.ReLU) else (lambda t, act=act: act(t.clone()))
 
 
 def _holds_conv(m: nn.Module) -> bool:

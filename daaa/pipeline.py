@@ -238,14 +238,11 @@ def translate(runner: StageRunner, cfg: Config, data: DomainData, tf_dir: str | 
             LOG.info("translate: cyclegan.lambda_semantic > 0: the source network comes first (trained or reused)")
             source_model, _ = train_source(runner, cfg, data)
         runner.open("translate")  # the stage checks its own key; this clears it with --overwrite
-        # CycleGAN is trained once, on rank 0 (its batch is small); the other ranks read its result
-        with main_first(ctx):
-            if ctx.is_main:
-                tr = run_translation(run_dir, cfg, data.source, data.target, ctx.device, cfg.runtime.progress,
-                                     guide=source_model if semantic else None, room=room)
-                update_metrics(run_dir, {"seconds": {"translate": sum(tr.seconds.values())}})
-            else:
-                tr = load_translation(run_dir / "translate", cfg.data, room)
+        # the CycleGAN is trained once, on rank 0 (its batch is small); large sets are translated by every rank
+        tr = run_translation(run_dir, cfg, data.source, data.target, ctx.device, cfg.runtime.progress,
+                             guide=source_model if semantic else None, room=room, ctx=ctx)
+        if ctx.is_main:
+            update_metrics(run_dir, {"seconds": {"translate": sum(tr.seconds.values())}})
     data.synthetic_target, data.synthetic_source = tr.synthetic_target, tr.synthetic_source
     if quality and tr.stage_dir is not None:
         measure_pairing(runner, cfg, data,
@@ -272,7 +269,10 @@ def adapt(runner: StageRunner, cfg: Config, data: DomainData, source_model: nn.M
     """Train the target network with Eq. 12, starting from the fine-tuned source network. Reused when done."""
     spec = spec or cfg.adapt
     probe = selection_probe(cfg, data, runner.ctx)
-    key = stage_key(cfg, data, probe, {"adapt": dataclasses.asdict(spec), "source": dataclasses.asdict(cfg.source)},
+    adapt_key = dataclasses.asdict(spec)
+    if adapt_key["attention_tap"] == "conv":  # absent = conv: adapt stages made before the option stay valid
+        del adapt_key["attention_tap"]
+    key = stage_key(cfg, data, probe, {"adapt": adapt_key, "source": dataclasses.asdict(cfg.source)},
                     [fingerprint(data.source.images, data.source.labels),
                      fingerprint(data.target.images if data.target else None),
                      fingerprint(data.synthetic_target, data.synthetic_source)])

@@ -22,6 +22,7 @@ import torch
 from .errors import DaaaError
 from .evaluate import attention_maps_of, confusion_matrix, load_network
 from .figures import plot_attention_maps, plot_confusion, plot_sweeps, plot_training_analysis, sweeps_in
+from .models import attention_taps
 from .runs import read_json_or
 
 LOG = logging.getLogger("daaa")
@@ -100,8 +101,9 @@ def attention_figure(run_dir: str | Path, cfg, data, path: str | Path, n: int = 
     maps, preds, layers = {}, {}, []
     for name, p in nets.items():
         net = load_network(cfg, data.source.num_classes, p)
-        layers = list(net.aligned_layers)
-        maps[name], preds[name] = attention_maps_of(net, images, layers, cfg.data, device, kind)
+        taps = attention_taps(net, cfg.adapt.attention_tap)  # where L_AT read them
+        layers = [t if isinstance(t, str) else t[0] for t in taps]
+        maps[name], preds[name] = attention_maps_of(net, images, taps, cfg.data, device, kind)
     if layer is None:
         layer = _shown_layer(next(iter(maps.values())))
     shown = layer if isinstance(layer, str) else layers[layer % len(layers)]

@@ -47,8 +47,8 @@ from .cyclegan import CycleGAN, check_image_size
 from .data.domain import Domain, Images, ImageTensors, fingerprint, load_tensors
 from .data.folders import path_reader
 from .data.streaming import LazyImages, StepPrefetch, chunked, decoded_bytes, materialize, scan_chunks
-from .distributed import amp_dtype
-from .errors import ConfigError, DaaaError, DataError
+from .distributed import Context, amp_dtype, main_first
+from .errors import ConfigError, DaaaError, DataError, PeerError
 from .figures import plot_curves, plot_pairs
 from .pairing_quality import model_range_classifier, weights_fingerprint
 from .runs import Stage, atomic_torch_save, atomic_write_json, atomic_write_text, load_torch_file, read_json, read_json_or
@@ -62,9 +62,8 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm",
 # the sets each side of the translation writes: a source image's T_f and round trip, a target image's S_f and its
 SETS = {"source": ("synthetic_target", "round_trip_source"), "target": ("synthetic_source", "round_trip_target")}
 # images per shard: written, marked done (RUN/translate/shards/) and, after a crash, redone as one
-SHARD_SIZE = 1000
 # cyclegan options that do not change the result: changing them must not invalidate a run folder
-BOOKKEEPING = ("translate_batch_size", "checkpoint_interval", "log_interval", "quality")
+BOOKKEEPING = ("translate_batch_size", "checkpoint_interval", "log_interval", "quality", "shard_size")
 LOSS_KEYS = ("g_st", "g_ts", "d_t", "d_s", "cycle", "identity", "semantic")
 
 
@@ -293,19 +292,25 @@ def _shard_done(marker: Path, steps: int, rows: torch.Tensor) -> bool:
 
 
 def _translate_into(stage_dir: Path, model: CycleGAN, cfg: Config, source: ImageTensors, target: ImageTensors,
-                    device: torch.device, keep: bool, progress: bool) -> dict[str, torch.Tensor] | None:
+                    device: torch.device, keep: bool, progress: bool,
+                    share: tuple[int, int] = (0, 1)) -> dict[str, torch.Tensor] | None:
     """Every image of both sides translated both ways into PNG files in ``stage_dir``, shard by shard
-    (:data:`SHARD_SIZE` images, each marked done in ``shards/`` once its files are written, so a re-run after a crash
-    redoes only the unmarked shards); with ``keep`` the four sets are returned as tensors instead (made anew, they
-    are small; of the files only T_f and S_f are written, for inspection)."""
+    (``cyclegan.shard_size`` images, each marked done in ``shards/`` once its files are written, so a re-run after a
+    crash redoes only the unmarked shards); with ``keep`` the four sets are returned as tensors instead (made anew,
+    they are small; of the files only T_f and S_f are written, for inspection). ``share`` = (rank, world size): this
+    rank translates shard k of each side when k mod world size = rank."""
     from tqdm import tqdm
 
-    (stage_dir / "translated.pt").unlink(missing_ok=True)  # the sets of a translation this one replaces
+    rank, world = share
+    size = cfg.cyclegan.shard_size
+    if rank == 0:
+        (stage_dir / "translated.pt").unlink(missing_ok=True)  # the sets of a translation this one replaces
     sides = (("source", source), ("target", target))
     kept = {name: torch.empty(tuple(real.images.shape), dtype=torch.uint8)
             for side, real in sides for name in SETS[side]} if keep else None
-    bar = tqdm(total=len(source) + len(target), desc="translate", disable=not progress, leave=False,
-               dynamic_ncols=True, mininterval=1.0)
+    mine = sum(len(range(first, min(first + size, len(real))))
+               for _, real in sides for first in range(0, len(real), size) if (first // size) % world == rank)
+    bar = tqdm(total=mine, desc="translate", disable=not progress, leave=False, dynamic_ncols=True, mininterval=1.0)
     w = _Writer(stage_dir, model, cfg, device, target,
                 model.translation_donors(len(source), len(target), cfg.runtime.seed), kept, bar,
                 ThreadPoolExecutor(max(1, cfg.data.num_workers)))
@@ -313,9 +318,11 @@ def _translate_into(stage_dir: Path, model: CycleGAN, cfg: Config, source: Image
         for side, real in sides:
             for name in SETS[side][:1] if keep else SETS[side]:
                 (stage_dir / name).mkdir(exist_ok=True)
-            for first in range(0, len(real), SHARD_SIZE):
-                rows = torch.arange(first, min(first + SHARD_SIZE, len(real)))
-                marker = stage_dir / "shards" / f"{side}-{first // SHARD_SIZE:05d}.json"
+            for first in range(0, len(real), size):
+                if (first // size) % world != rank:
+                    continue
+                rows = torch.arange(first, min(first + size, len(real)))
+                marker = stage_dir / "shards" / f"{side}-{first // size:05d}.json"
                 if not keep and _shard_done(marker, model.step, rows):
                     bar.update(len(rows))
                     continue
@@ -392,7 +399,7 @@ def _check_inputs(cfg: Config, source: ImageTensors, target: ImageTensors, guide
 
 def run_translation(run_dir: Path, cfg: Config, source: ImageTensors, target: ImageTensors,
                     device: torch.device, progress: bool = True, guide: torch.nn.Module | None = None,
-                    room: int | None = None) -> Translation:
+                    room: int | None = None, ctx: Context | None = None) -> Translation:
     """Stage 1 (Sec. 3.1): train the CycleGAN of Eq. 3 on unpaired S/T and translate every image both ways.
 
     A completed stage with the same key (options, seed, input fingerprint) is reused without training; a stage
@@ -401,45 +408,101 @@ def run_translation(run_dir: Path, cfg: Config, source: ImageTensors, target: Im
     ``guide`` is the frozen source network of CyCADA's semantic term, needed (and part of the key) when
     ``cyclegan.lambda_semantic > 0``, ignored otherwise. The sets are returned in memory (and kept in translated.pt)
     when the four of them fit ``room`` bytes (default ``data.cache_bytes``), else streamed from their PNG files.
+
+    Under torchrun (``ctx``, called on every rank) rank 0 trains the CycleGAN alone (its batch is small); sets that
+    go to disk are then translated by every rank, shard k on rank k mod world size (small sets: rank 0 alone), and
+    rank 0 writes the manifest and finishes the stage while the others wait.
     """
     c = cfg.cyclegan
+    ctx = ctx or Context(0, 1, torch.device(device), None, False)
     channels = _check_inputs(cfg, source, target, guide)
     semantic = c.lambda_semantic > 0
     room = cfg.data.cache_bytes if room is None else room
     # cyclegan.steps compared apart: raising it on a finished translation extends it from its checkpoint
     stage = Stage(run_dir, "translate", stage_key(cfg, source, target, guide if semantic else None), "cyclegan.steps")
-    stage.check_compatible()
-    if stage.done() is not None and _finished_outputs(stage.dir):
+    keep = 2 * (source.images.nbytes + target.images.nbytes) <= room  # T_f and G_TS(T_f) as S; S_f and G_ST(S_f)
+    model, trained, plan = None, None, None
+    with main_first(ctx):
+        if ctx.is_main:
+            stage.check_compatible()
+            if stage.done() is not None and _finished_outputs(stage.dir):
+                plan = "reuse"
+            else:
+                model = _cyclegan(cfg, channels, device, guide if semantic else None)
+                trained = _train_stage(stage, cfg, model, source, target, device, progress)
+    if ctx.distributed:
+        plan = ctx.broadcast_object(plan)
+    if plan == "reuse":
         LOG.info("translate: reusing the completed stage in %s", stage.dir)
-        return load_translation(stage.dir, cfg.data, room, progress)
+        return load_translation(stage.dir, cfg.data, room, progress and ctx.is_main)
+    t0 = time.perf_counter()
+    if ctx.distributed and not keep:  # every rank translates its shards with rank 0's trained CycleGAN
+        if model is None:
+            model = _cyclegan(cfg, channels, device, None)  # translation only: no semantic guide
+            model.load_training_state(stage.load_checkpoint("cpu")["model"])
+        failure = None
+        try:
+            _translate_into(stage.dir, model, cfg, source, target, device, False, progress and ctx.is_main,
+                            (ctx.rank, ctx.world_size))
+        except Exception as e:  # told to every rank below, so none waits for a peer that is gone
+            failure = f"rank {ctx.rank}: {type(e).__name__}: {e}"
+            raise
+        finally:
+            failures = [f for f in ctx.all_gather_object(failure) if f is not None]
+        if failures:
+            raise PeerError(f"translate: {failures[0]}")
+    with main_first(ctx):
+        if ctx.is_main:  # the shards left (all of them with one process; none when the ranks shared them out)
+            kept = _translate_into(stage.dir, model, cfg, source, target, device, keep, progress)
+            _finish_stage(stage, source, target, kept, model, cfg, *trained, time.perf_counter() - t0)
+    if keep and ctx.is_main:
+        tr = _translation_of(stage.dir, kept)
+        tr.seconds = _stage_result(stage.dir).get("seconds", {})
+        return tr
+    return load_translation(stage.dir, cfg.data, room, progress and ctx.is_main)
+
+
+def _cyclegan(cfg: Config, channels: int, device: torch.device, guide: torch.nn.Module | None) -> CycleGAN:
+    """The CycleGAN of ``cfg.cyclegan`` on ``device``, at runtime.precision / runtime.channels_last as for the
+    classifier (fp16 is refused off CUDA); with ``guide`` (the frozen source net) CyCADA's semantic term is on."""
+    model = build_cyclegan(cfg.cyclegan, channels, cfg.runtime.seed,
+                           amp_dtype(cfg.runtime.precision, torch.device(device)), cfg.runtime.channels_last).to(device)
+    if guide is not None:
+        model.set_semantic_guide(model_range_classifier(guide, cfg.data, device))
+    return model
+
+
+def _train_stage(stage: Stage, cfg: Config, model: CycleGAN, source: ImageTensors, target: ImageTensors,
+                 device: torch.device, progress: bool) -> tuple[list[dict], float]:
+    """Begin the stage (stale output folders of a killed run cleared) and train or resume the CycleGAN."""
     stage.begin()
     for stale in stage.dir.glob(".output-*"):  # left by an earlier daaa killed while writing outputs
         shutil.rmtree(stale, ignore_errors=True)
+    return _train(stage, cfg, model, source, target, device, progress)
 
-    # runtime.precision / runtime.channels_last as for the classifier (fp16 is refused off CUDA)
-    model = build_cyclegan(c, channels, cfg.runtime.seed, amp_dtype(cfg.runtime.precision, torch.device(device)),
-                           cfg.runtime.channels_last).to(device)
-    if semantic:
-        model.set_semantic_guide(model_range_classifier(guide, cfg.data, device))
-    history, train_seconds = _train(stage, cfg, model, source, target, device, progress)
 
-    t0 = time.perf_counter()
-    keep = 2 * (source.images.nbytes + target.images.nbytes) <= room  # T_f and G_TS(T_f) as S; S_f and G_ST(S_f)
-    kept = _translate_into(stage.dir, model, cfg, source, target, device, keep, progress)
-    tr = (Translation(kept["synthetic_target"], kept["synthetic_source"], {}, stage.dir, kept["round_trip_source"],
-                      kept["round_trip_target"]) if kept is not None
-          else _png_translation(stage.dir, len(source), len(target), source.images.shape[1:], target.images.shape[1:],
-                                cfg.data.num_workers))
+def _translation_of(stage_dir: Path, kept: dict[str, torch.Tensor]) -> Translation:
+    return Translation(kept["synthetic_target"], kept["synthetic_source"], {}, stage_dir, kept["round_trip_source"],
+                       kept["round_trip_target"])
+
+
+def _finish_stage(stage: Stage, source: ImageTensors, target: ImageTensors, kept: dict[str, torch.Tensor] | None,
+                  model: CycleGAN, cfg: Config, history: list[dict], train_seconds: float,
+                  translate_seconds: float) -> None:
+    """The stage's outputs (:func:`_write_outputs`) and its record in stage.json."""
+    keep = kept is not None
+    tr = (_translation_of(stage.dir, kept) if keep
+          else _png_translation(stage.dir, len(source), len(target), source.images.shape[1:],
+                                target.images.shape[1:], cfg.data.num_workers))
     _write_outputs(stage.dir, source, target, tr, history,
                    model.translation_donors(len(source), len(target), cfg.runtime.seed), keep)
-    tr.seconds = {"train": train_seconds, "translate": time.perf_counter() - t0}
+    seconds = {"train": train_seconds, "translate": translate_seconds}
     final = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
-    stage.finish({"n_synthetic_target": len(source), "n_synthetic_source": len(target), "steps": c.steps,
-                  "seconds": tr.seconds, "final_losses": final, "storage": "pt" if keep else "png",
+    stage.finish({"n_synthetic_target": len(source), "n_synthetic_source": len(target), "steps": cfg.cyclegan.steps,
+                  "seconds": seconds, "final_losses": final, "storage": "pt" if keep else "png",
                   "shapes": {"source": list(source.images.shape[1:]), "target": list(target.images.shape[1:])}})
     LOG.info("translate: %d + %d images translated in %.1f s (training %.1f s)", len(source), len(target),
-             tr.seconds["translate"], tr.seconds["train"])
-    return tr if keep else load_translation(stage.dir, cfg.data, room, progress)
+             translate_seconds, train_seconds)
 
 
 def _finished_outputs(stage_dir: Path) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import copy
 
 import pytest
@@ -306,3 +307,20 @@ def test_em_a_posterior_is_a_separate_eval_forward_with_a_gradient_on_t_rows(tmp
         net.eval()
         x = trainer.data.target.images[batch.target_idx].float() / 127.5 - 1.0
         torch.testing.assert_close(trainer.posterior(batch), torch.softmax(net(x), 1), rtol=1e-4, atol=1e-5)
+
+
+def test_the_attention_tap_setting_changes_what_L_AT_reads(tmp_path):
+    """adapt.attention_tap: each reading trains (finite L_AT > 0), and they read different features."""
+    from daaa import bench
+    from daaa.config import load_config
+    from daaa.distributed import Context
+
+    seen = {}
+    for tap in ("conv", "activation", "block"):
+        cfg = load_config("smoke", [f"adapt.attention_tap={tap}"])
+        trainer = bench.daaa_trainer(cfg, bench.synthetic_data(cfg), Context(0, 1, torch.device("cpu"), None, False),
+                                     tmp_path, tap)
+        seen[tap] = trainer.step(0)["L_AT"]
+        assert math.isfinite(seen[tap]) and seen[tap] > 0, tap
+    assert seen["conv"] != seen["activation"]
+    assert seen["block"] == seen["activation"]  # the digit CNN has no residual blocks: read after its ReLUs

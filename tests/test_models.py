@@ -151,3 +151,57 @@ def test_a_stage_compares_its_step_count_apart(tmp_path):
         Stage(tmp_path, "adapt", {"adapt": {"steps": 6, "lr": 0.2}, "seed": 0}, "adapt.steps").check_compatible()
     with pytest.raises(DaaaError, match="incompatible config"):  # without steps_key the count is part of the key
         Stage(tmp_path, "adapt", {"adapt": {"steps": 6, "lr": 0.1}, "seed": 0}).check_compatible()
+
+
+# ------------------------------------------------------------------------------ adapt.attention_tap
+def _recorded(net: nn.Module, taps, x: torch.Tensor) -> list[torch.Tensor]:
+    from daaa.attention import FeatureRecorder
+
+    with FeatureRecorder(net, taps) as rec:
+        net(x)
+        return rec.features
+
+
+def test_attention_taps_of_the_digit_cnn():
+    """conv: the conv outputs (signed); activation and block: after the ReLU (the digit CNN has no blocks)."""
+    from daaa.models import attention_taps
+
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(arch="digit_cnn", width=4), 10, 3, 16, log=False)
+    x = torch.randn(2, 3, 16, 16)
+    conv = _recorded(net, attention_taps(net, "conv"), x)
+    assert attention_taps(net, "conv") == ["conv1", "conv2", "conv3"] and (conv[0] < 0).any()
+    for tap in ("activation", "block"):
+        taps = attention_taps(net, tap)
+        assert [t[0] for t in taps] == ["conv1", "conv2", "conv3"]
+        got = _recorded(net, taps, x)
+        assert all(torch.equal(g, torch.relu(c)) for g, c in zip(got, conv)), tap
+    with pytest.raises(ConfigError, match="adapt.attention_tap: 'relu' is not one of conv, activation, block"):
+        attention_taps(net, "relu")
+
+
+def test_attention_taps_of_a_resnet_read_after_batch_norm_and_at_block_outputs():
+    from daaa.attention import AttentionAlignmentLoss
+    from daaa.models import attention_taps
+
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(arch="resnet18"), 4, 3, 32, log=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    act = attention_taps(net, "activation")
+    assert len(act) == 19 and act[0][0] == "backbone.layer1.0.bn1"
+    assert dict(act)["backbone.layer2.0.downsample.1"] is not None  # the projection shortcut's BN
+    block = attention_taps(net, "block")
+    assert block == [f"backbone.layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    b = net.backbone.layer1[0]
+    with torch.no_grad():
+        want = torch.relu(b.bn1(b.conv1(net.backbone.maxpool(net.backbone.relu(net.backbone.bn1(
+            net.backbone.conv1(x)))))))
+        got = _recorded(net, act, x)[0]
+    assert torch.allclose(got, want, atol=1e-6)
+    net.train()  # L_AT's gradient flows through both readings (torchvision's ReLUs are in place)
+    for taps in (act, block):
+        feats = _recorded(net, taps, x)
+        loss = AttentionAlignmentLoss()([f.detach().flip(0) for f in feats], feats)
+        loss.backward()
+        assert torch.isfinite(net.backbone.layer1[0].conv1.weight.grad).all()
+        net.zero_grad()

@@ -223,13 +223,72 @@ def test_source_map_cache_is_bounded_by_the_budget(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- translation on disk
-def _translate(run_dir: Path, room: int | None, monkeypatch, shard: int = 4):
+def _translate(run_dir: Path, room: int | None, monkeypatch, shard: int = 4, ctx: Context | None = None):
     from test_cyclegan import domains, tiny_cfg
     import daaa.translate as translate
 
-    monkeypatch.setattr(translate, "SHARD_SIZE", shard)
     src, tgt = domains()
-    return translate.run_translation(run_dir, tiny_cfg(), src, tgt, CPU.device, progress=False, room=room), src, tgt
+    return translate.run_translation(run_dir, tiny_cfg(shard_size=shard), src, tgt, CPU.device, progress=False,
+                                     room=room, ctx=ctx), src, tgt
+
+
+class _ThreadRank(Context):
+    """One rank of a 2-process job played by a thread: broadcast and all-gather go through shared slots."""
+
+    def __init__(self, rank: int, shared: dict):
+        super().__init__(rank, 2, torch.device("cpu"), None, False)
+        self.shared = shared
+
+    def _exchange(self, obj: object) -> list:
+        self.shared["slots"][self.rank] = obj
+        self.shared["barrier"].wait()
+        out = list(self.shared["slots"])
+        self.shared["barrier"].wait()
+        return out
+
+    def broadcast_object(self, obj):
+        return self._exchange(obj)[0]
+
+    def all_gather_object(self, obj):
+        return self._exchange(obj)
+
+    def barrier(self):
+        self._exchange(None)
+
+
+def test_ranks_share_out_the_translation_shards(tmp_path, monkeypatch):
+    """Under torchrun, rank 0 trains the CycleGAN and every rank translates its shards (k mod 2): the files equal a
+    one-process translation's, and each shard was translated once, by its rank."""
+    import threading
+
+    import daaa.translate as translate
+
+    one, _, _ = _translate(tmp_path / "one", 0, monkeypatch)
+    real, by = translate._translate_shard, []
+    monkeypatch.setattr(translate, "_translate_shard", lambda w, side, r, rows: (
+        by.append((threading.current_thread().name, side, int(rows[0]))), real(w, side, r, rows)))
+    shared = {"slots": [None, None], "barrier": threading.Barrier(2, timeout=120)}
+    out, errors = {}, []
+
+    def rank(r: int) -> None:
+        try:
+            out[r] = _translate(tmp_path / "two", 0, monkeypatch, ctx=_ThreadRank(r, shared))[0]
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            shared["barrier"].abort()
+
+    threads = [threading.Thread(target=rank, args=(r,), name=f"rank{r}") for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(by) == sorted([(f"rank{(first // 4) % 2}", side, first)
+                                 for side, n in (("source", 12), ("target", 10)) for first in range(0, n, 4)])
+    for r in (0, 1):
+        for name in ("synthetic_target", "synthetic_source", "round_trip_source", "round_trip_target"):
+            assert torch.equal(materialize(getattr(out[r], name)), materialize(getattr(one, name))), (r, name)
+    assert (tmp_path / "two" / "translate" / "stage.json").is_file()
 
 
 def test_translation_on_disk_equals_in_memory_and_reads_back(tmp_path, monkeypatch):
@@ -298,7 +357,8 @@ def test_user_translation_folders_stream_past_the_budget(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-STREAMED = ["--set", "data.cache_bytes=0", "--set", "data.num_workers=1"]
+# shards of 64 images: on 2 processes rank 1 translates shards 1 and 3 of each side
+STREAMED = ["--set", "data.cache_bytes=0", "--set", "data.num_workers=1", "--set", "cyclegan.shard_size=64"]
 
 
 @pytest.mark.slow
@@ -316,6 +376,9 @@ def test_streamed_run_equals_in_memory_run_also_on_two_processes(tmp_path):
     memory, streamed, two = (out for out, _, _ in runs.values())
     assert (memory / "translate" / "translated.pt").is_file() and not (streamed / "translate" / "translated.pt").exists()
     assert "is streamed from disk" in (streamed / "log.txt").read_text()
+    files = sorted(p.relative_to(streamed) for p in (streamed / "translate").glob("synthetic_*/*.png"))
+    assert len(files) == 400
+    assert all((streamed / f).read_bytes() == (two / f).read_bytes() for f in files)  # ranks 0 and 1 translated
     for stage in ("source", "adapt"):
         w1, w2, w3 = (_weights(d / stage / "model.pt") for d in (memory, streamed, two))
         assert all(torch.equal(w1[k], w2[k]) for k in w1), stage  # same pixels, same batches: the same weights

@@ -28,7 +28,7 @@ from ..data.transforms import prepare, train_crops
 from ..distributed import Context
 from ..em import PosteriorNetwork, confidence_mask, em_loss
 from ..errors import DaaaError
-from ..models import alignable_layers
+from ..models import attention_taps
 from ..optim import build_optimizer, set_lr
 from ..runs import Stage
 from .base import Trainer
@@ -71,7 +71,8 @@ class DAAATrainer(Trainer):
         # L_AT needs the frozen source net; it is computed (and logged, Fig. 4 left) even when beta = 0
         self.source_net = source_net
         self.alignment = AttentionAlignmentLoss(spec.attention, spec.discrepancy, reduction="sum")
-        self.layers = alignable_layers(self.net) if source_net is not None else []  # one line for a ViT
+        # Eq. 4's F_l of each aligned layer, read where adapt.attention_tap says (a ViT: one line, no layer)
+        self.layers = attention_taps(self.net, spec.attention_tap) if source_net is not None else []
         self.target_features = FeatureRecorder(self.net, self.layers) if source_net is not None else None
         self.source_maps: list[torch.Tensor] | None = None  # per layer: the maps of S, then those of S_f
         if source_net is not None:
