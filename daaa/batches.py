@@ -92,6 +92,22 @@ class MixedBatch:
             return n
         return 0
 
+    def crop_partners(self) -> torch.Tensor:
+        """For each row (S | Tf | T | Sf), the row whose crop it takes: a T_f row G_ST(x^S_j) is cropped like the S
+        row of x^S_j and an S_f row G_TS(x^T_m) like the T row of x^T_m (the leading S / T rows, as the sampler
+        draws them); every other row keeps its own. A pair's two images then show the same part of the picture,
+        and the anchors of Eq. 5 for the T_f and S_f rows are those of the S and T rows: the frozen source net
+        takes each anchor once (:meth:`daaa.trainers.adapt.DAAATrainer.attention_loss`)."""
+        sl = self.slices()
+        out = torch.arange(sl["Sf"].stop)
+        n_tf = len(self.tf_idx)
+        if n_tf and len(self.source_idx) >= n_tf and torch.equal(self.source_idx[:n_tf], self.tf_idx):
+            out[sl["Tf"]] = torch.arange(sl["S"].start, sl["S"].start + n_tf)
+        n_sf = self.paired_target_rows()
+        if n_sf:
+            out[sl["Sf"]] = torch.arange(sl["T"].start, sl["T"].start + n_sf)
+        return out
+
     def anchor_rows(self, target_anchors: str = "all") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The pairs of Eq. 5 as (target_rows, anchor_source_idx, anchor_sf_idx).
 

@@ -40,6 +40,13 @@ def naive_daaa_losses(trainer, step: int) -> dict[str, torch.Tensor]:
     # the crops are drawn for the whole batch in row order S | T_f | T | S_f, from (seed, step)
     all_rows = torch.cat([v for v in streams.values() if v is not None])
     crops = train_crops(all_rows, cfg, trainer.seed, step)
+    if crops is not None:  # a T_f row takes the crop of the S row it translates, an S_f row that of its T row
+        for j in range(len(batch.tf_idx)):
+            if j < len(batch.source_idx) and batch.tf_idx[j] == batch.source_idx[j]:
+                crops[sl["Tf"].start + j] = crops[sl["S"].start + j]
+        for m in range(len(batch.sf_idx)):
+            if m < len(batch.target_idx) and batch.sf_idx[m] == batch.target_idx[m]:
+                crops[sl["Sf"].start + m] = crops[sl["T"].start + m]
 
     def prep(imgs: torch.Tensor, rows: slice | None, train: bool = True) -> torch.Tensor:
         c = None if crops is None or rows is None else crops[rows]

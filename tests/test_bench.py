@@ -22,6 +22,23 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def test_paired_rows_share_crops_so_the_source_net_takes_each_anchor_once(tmp_path):
+    """With crops, a T_f row is cropped like its S row and an S_f row like its T row: the frozen source net then
+    runs on one anchor per S and per T row (not one per pair of Eq. 5's four terms)."""
+    cfg = load_config("smoke", ["data.augment=true", "data.load_size=36", "adapt.batch_size=20"])
+    trainer = bench.daaa_trainer(cfg, bench.synthetic_data(cfg), CPU, tmp_path, "crops")
+    batch = trainer.sampler.batch(3)
+    partners = batch.crop_partners()
+    sl, n = batch.slices(), batch.counts
+    assert partners[sl["Tf"]].tolist() == list(range(sl["S"].start, sl["S"].start + n["Tf"]))
+    assert partners[sl["Sf"]].tolist() == list(range(sl["T"].start, sl["T"].start + n["Sf"]))
+    rows = []
+    hook = trainer.source_net.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    trainer.step(3)
+    hook.remove()
+    assert rows == [n["S"] + n["T"]] and sum(n.values()) > rows[0]
+
+
 @pytest.mark.parametrize("overrides", [
     [],  # the digits settings: cached source maps, async M_post
     ["adapt.beta=0"],  # L_AT is still computed and logged, but has no gradient

@@ -167,6 +167,8 @@ class DAAATrainer(Trainer):
         posterior = self.posterior(batch)
         images = self._images(batch)
         crops = train_crops(images, self.data_cfg, self.seed, step)
+        if crops is not None:  # a pair (x^S, G_ST(x^S)) or (x^T, G_TS(x^T)) is cropped alike
+            crops = crops[batch.crop_partners()]
         x = prepare(images, self.data_cfg, train=True, crops=crops, device=self.ctx.device,
                     channels_last=self.ctx.channels_last)
         self.model.train()
@@ -267,12 +269,20 @@ class DAAATrainer(Trainer):
         if self.source_maps is not None:
             idx = torch.cat([src_idx, sf_idx + len(self.data.source)]).to(self.ctx.device)
             return [m[idx] for m in self.source_maps]
-        anchors = torch.cat([self.data.source.images[src_idx], self.data.synthetic_source[sf_idx]])
-        x = prepare(anchors, self.data_cfg, train=True, crops=None if crops is None else crops[target_rows],
+        # each distinct (image, crop) once: with paired crops the T_f and S_f rows' anchors are the S and T rows'
+        which = torch.cat([torch.zeros_like(src_idx), torch.ones_like(sf_idx)])
+        crop = crops[target_rows] if crops is not None else torch.zeros(len(which), 3, dtype=torch.long)
+        key = torch.cat([which[:, None], torch.cat([src_idx, sf_idx])[:, None], crop], dim=1)
+        unique, inverse = torch.unique(key, dim=0, return_inverse=True)  # sorted: the S anchors first
+        n_src = int((unique[:, 0] == 0).sum())
+        anchors = torch.cat([self.data.source.images[unique[:n_src, 1]],
+                             self.data.synthetic_source[unique[n_src:, 1]]])
+        x = prepare(anchors, self.data_cfg, train=True, crops=None if crops is None else unique[:, 2:],
                     device=self.ctx.device, channels_last=self.ctx.channels_last)
         with torch.no_grad(), FeatureRecorder(self.source_net, self.layers) as rec, self.ctx.autocast():
             self.source_net(x)
-            return self.alignment.maps(rec.features)
+            rows = inverse.to(self.ctx.device)
+            return [m[rows] for m in self.alignment.maps(rec.features)]
 
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> dict[str, Any]:
