@@ -45,13 +45,15 @@ def train_crops(images: torch.Tensor, cfg: DataConfig, seed: int, step: int) -> 
 
 def random_crop_flip(images: torch.Tensor, size: int, params: torch.Tensor) -> torch.Tensor:
     """Per-sample ``size`` crop and horizontal flip (the usual Office-31 training augmentation)."""
+    n, c, h, w = images.shape
+    params = params.to(images.device)
     tops, lefts, flips = params.unbind(1)
-    n = images.shape[0]
-    out = torch.empty((*images.shape[:2], size, size), dtype=images.dtype, device=images.device)
-    for i in range(n):  # n crops of different offsets: a gather would need an index tensor as large as the batch
-        crop = images[i, :, tops[i]:tops[i] + size, lefts[i]:lefts[i] + size]
-        out[i] = crop.flip(-1) if flips[i] else crop
-    return out
+    offsets = torch.arange(size, device=images.device)
+    rows = tops[:, None] + offsets
+    cols = torch.where(flips[:, None].bool(), lefts[:, None] + offsets.flip(0), lefts[:, None] + offsets)
+    # one gather for the whole batch; the index is shared by the channels (an expanded view, not a copy)
+    flat = (rows[:, :, None] * w + cols[:, None, :]).view(n, 1, size * size).expand(n, c, size * size)
+    return images.reshape(n, c, h * w).gather(2, flat).view(n, c, size, size)
 
 
 def prepare(images: torch.Tensor, cfg: DataConfig, train: bool = False, crops: torch.Tensor | None = None,

@@ -258,8 +258,11 @@ class DAAATrainer(Trainer):
         with torch.set_grad_enabled(self.spec.beta > 0):  # computed and logged (Fig. 4) even when beta = 0
             # maps of the whole batch, then the paired rows: picking rows of the small maps rather than of the
             # conv features keeps each feature gradient one dense tensor (no scatter into zeros)
-            target_maps = [m[rows] for m in self.alignment.maps(self.target_features.features)]
-            return self.alignment.from_maps(anchor_maps, target_maps)
+            target_maps = self.alignment.maps(self.target_features.features)
+            if len(rows) == len(target_maps[0]):  # every row is paired (term 4 on all T rows): Eq. 5 is a sum, so
+                order = torch.argsort(rows)      # the anchors are put in row order instead (no gradient to route)
+                return self.alignment.from_maps([a[order] for a in anchor_maps], target_maps)
+            return self.alignment.from_maps(anchor_maps, [m[rows] for m in target_maps])
 
     def _anchor_maps(self, crops: torch.Tensor | None, target_rows: torch.Tensor, src_idx: torch.Tensor,
                      sf_idx: torch.Tensor) -> list[torch.Tensor]:
