@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import difflib
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -500,12 +501,23 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def load_state(net: nn.Module, state: dict[str, torch.Tensor], path: str | Path, assign: bool = False) -> None:
-    """``net.load_state_dict(state)``; one line naming the file when it does not fit."""
+    """``net.load_state_dict(state)``; one line naming the file and every mismatch when it does not fit."""
     try:
         net.load_state_dict(state, assign=assign)
     except RuntimeError as e:  # a network of another shape: name the mismatch, not just the class
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise DaaaError(f"{path}: does not fit the configured network ({' '.join(lines[1:3])[:300]})") from None
+        raise DaaaError(f"{path}: does not fit the configured network ({_mismatch(str(e))})") from None
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) "
+                            r"from checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
+
+
+def _mismatch(text: str) -> str:
+    """torch's several-line ``load_state_dict`` error as one short clause: each size mismatch as 'NAME is (file
+    shape) in the file, (network shape) here', then the missing and unexpected keys."""
+    sizes = [f"{name} is ({a}) in the file, ({b}) here" for name, a, b in _SIZE_MISMATCH.findall(text)]
+    others = [ln.strip() for ln in text.splitlines()[1:] if ln.strip() and "size mismatch" not in ln]
+    return "; ".join(sizes + others)[:400]
 
 
 def network_from_info(info: dict[str, Any], state: dict[str, torch.Tensor], path: str | Path) -> nn.Module:

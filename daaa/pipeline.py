@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,9 +90,10 @@ def load_data(cfg: Config, source: str, target: str | None, target_test: str | N
     return data
 
 
-def new_model(cfg: Config, data: DomainData) -> nn.Module:
+def new_model(cfg: Config, data: DomainData, log: bool = True) -> nn.Module:
+    """The stage's network at its seeded initial weights (``log``: one line naming it and its aligned layers)."""
     torch.manual_seed(cfg.runtime.seed)  # the same initial weights whatever ran before in this process
-    net = build_model(cfg.model, data.num_classes, cfg.data.channels, cfg.data.image_size)
+    net = build_model(cfg.model, data.num_classes, cfg.data.channels, cfg.data.image_size, log=log)
     return describe(net, model_info(cfg, data.source.classes, data.num_classes))  # for the model files
 
 
@@ -159,7 +159,7 @@ def finished_source(runner: StageRunner, cfg: Config, data: DomainData) -> nn.Mo
     stage = Stage(runner.run_dir, "source", source_key(cfg, data, selection_probe(cfg, data, runner.ctx)))
     if stage.done() is None:
         return None
-    model = new_model(cfg, data)
+    model = new_model(cfg, data, log=False)  # a finished network read back, not a stage's new one
     load_weights(model, stage.dir / "model.pt")
     return model
 
@@ -283,7 +283,7 @@ def adapt(runner: StageRunner, cfg: Config, data: DomainData, source_model: nn.M
     def fit(stage):
         guide = None  # the frozen source network of L_AT, when there are pairs to align
         if data.synthetic_target is not None and data.synthetic_source is not None:
-            guide = new_model(cfg, data)
+            guide = new_model(cfg, data, log=False)  # the stage's own network was logged already
             guide.load_state_dict(source_model.state_dict())
         trainer = DAAATrainer(spec, cfg.data, data, runner.ctx, stage, model, guide, cfg.runtime.seed,
                               cfg.runtime.progress, desc=desc or stage_name, probe=probe)

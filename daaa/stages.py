@@ -18,7 +18,6 @@ where their loop keeps checkpoints.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch.nn as nn
 
 from .distributed import Context
 from .errors import DaaaError
-from .models import read_model_file, save_model_file
+from .models import load_state, read_model_file, save_model_file
 from .runs import Stage, update_metrics
 
 LOG = logging.getLogger("daaa")
@@ -105,21 +104,5 @@ class StageRunner:
 
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load the weights of a stage's model file (or a bare state dict, daaa 0.1's) into ``model``; one line naming
-    the file and every mismatch when they do not fit."""
-    state = read_model_file(path)[0]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:  # a network of another shape: name the mismatch, not just the class
-        raise DaaaError(f"{path}: does not fit the configured network ({_mismatch(str(e))})") from None
-
-
-_SIZE_MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) "
-                            r"from checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
-
-
-def _mismatch(text: str) -> str:
-    """torch's several-line ``load_state_dict`` error as one short clause: each size mismatch as 'NAME is (file
-    shape) in the file, (network shape) here', then the missing and unexpected keys."""
-    sizes = [f"{name} is ({a}) in the file, ({b}) here" for name, a, b in _SIZE_MISMATCH.findall(text)]
-    others = [ln.strip() for ln in text.splitlines()[1:] if ln.strip() and "size mismatch" not in ln]
-    return "; ".join(sizes + others)[:400]
+    the file and every mismatch when they do not fit (:func:`daaa.models.load_state`)."""
+    load_state(model, read_model_file(path)[0], path)

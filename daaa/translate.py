@@ -190,15 +190,7 @@ def _train(stage: Stage, cfg: Config, model: CycleGAN, source: ImageTensors, tar
                 acc_n += 1
                 step = model.step
                 if (c.log_interval > 0 and step % c.log_interval == 0) or step == c.steps:
-                    entry = {"step": step, **{k: v / acc_n for k, v in acc.items()}}
-                    history.append(entry)
-                    hf.write(json.dumps(entry) + "\n")
-                    hf.flush()
-                    if writer is not None:
-                        for k, v in entry.items():
-                            if k != "step":
-                                writer.add_scalar(f"cyclegan/{k}", v, step)
-                    bar.set_postfix({k: f"{entry[k]:.3f}" for k in ("g_total", "d", "cycle")}, refresh=False)
+                    history.append(_log_entry(step, acc, acc_n, hf, writer, bar))
                     acc, acc_n = {}, 0
                 signum = stop.requested()  # Ctrl-C / SIGTERM: checkpoint this step, then stop
                 if (c.checkpoint_interval > 0 and step % c.checkpoint_interval == 0) or step == c.steps or signum:
@@ -214,6 +206,19 @@ def _train(stage: Stage, cfg: Config, model: CycleGAN, source: ImageTensors, tar
         if writer is not None:
             writer.close()
     return history, prior_seconds + time.perf_counter() - t0
+
+
+def _log_entry(step: int, acc: dict[str, float], acc_n: int, hf: Any, writer: Any, bar: Any) -> dict[str, float]:
+    """The mean losses since the last entry: to history.jsonl, TensorBoard and the progress bar."""
+    entry = {"step": step, **{k: v / acc_n for k, v in acc.items()}}
+    hf.write(json.dumps(entry) + "\n")
+    hf.flush()
+    if writer is not None:
+        for k, v in entry.items():
+            if k != "step":
+                writer.add_scalar(f"cyclegan/{k}", v, step)
+    bar.set_postfix({k: f"{entry[k]:.3f}" for k in ("g_total", "d", "cycle")}, refresh=False)
+    return entry
 
 
 def translate_batch(fn: Any, images: torch.Tensor, size: int, device: torch.device,
@@ -437,20 +442,8 @@ def run_translation(run_dir: Path, cfg: Config, source: ImageTensors, target: Im
         return load_translation(stage.dir, cfg.data, room, progress and ctx.is_main)
     t0 = time.perf_counter()
     if ctx.distributed and not keep:  # every rank translates its shards with rank 0's trained CycleGAN
-        if model is None:
-            model = _cyclegan(cfg, channels, device, None)  # translation only: no semantic guide
-            model.load_training_state(stage.load_checkpoint("cpu")["model"])
-        failure = None
-        try:
-            _translate_into(stage.dir, model, cfg, source, target, device, False, progress and ctx.is_main,
-                            (ctx.rank, ctx.world_size))
-        except Exception as e:  # told to every rank below, so none waits for a peer that is gone
-            failure = f"rank {ctx.rank}: {type(e).__name__}: {e}"
-            raise
-        finally:
-            failures = [f for f in ctx.all_gather_object(failure) if f is not None]
-        if failures:
-            raise PeerError(f"translate: {failures[0]}")
+        model = model or _trained_cyclegan(stage, cfg, channels, device)
+        _translate_shares(stage, model, cfg, source, target, device, progress, ctx)
     with main_first(ctx):
         if ctx.is_main:  # the shards left (all of them with one process; none when the ranks shared them out)
             kept = _translate_into(stage.dir, model, cfg, source, target, device, keep, progress)
@@ -460,6 +453,30 @@ def run_translation(run_dir: Path, cfg: Config, source: ImageTensors, target: Im
         tr.seconds = _stage_result(stage.dir).get("seconds", {})
         return tr
     return load_translation(stage.dir, cfg.data, room, progress and ctx.is_main)
+
+
+def _trained_cyclegan(stage: Stage, cfg: Config, channels: int, device: torch.device) -> CycleGAN:
+    """Rank 0's trained CycleGAN read back from the stage's checkpoint (translation only: no semantic guide)."""
+    model = _cyclegan(cfg, channels, device, None)
+    model.load_training_state(stage.load_checkpoint("cpu")["model"])
+    return model
+
+
+def _translate_shares(stage: Stage, model: CycleGAN, cfg: Config, source: ImageTensors, target: ImageTensors,
+                      device: torch.device, progress: bool, ctx: Context) -> None:
+    """This rank's shards (:func:`_translate_into`); a rank that fails is told to every rank, so none waits for a
+    peer that is gone."""
+    failure = None
+    try:
+        _translate_into(stage.dir, model, cfg, source, target, device, False, progress and ctx.is_main,
+                        (ctx.rank, ctx.world_size))
+    except Exception as e:
+        failure = f"rank {ctx.rank}: {type(e).__name__}: {e}"
+        raise
+    finally:
+        failures = [f for f in ctx.all_gather_object(failure) if f is not None]
+    if failures:
+        raise PeerError(f"translate: {failures[0]}")
 
 
 def _cyclegan(cfg: Config, channels: int, device: torch.device, guide: torch.nn.Module | None) -> CycleGAN:
