@@ -233,6 +233,14 @@ def _stop_workers(it: Any) -> None:
     are terminated (SIGTERM) first: DataLoader's own shutdown, when it runs inside the garbage collector (a trainer
     dropped in a reference cycle), sends its stop message through queues the collector has already closed, and
     then waits five seconds per worker."""
+    # first out of DataLoader's SIGCHLD watch: a worker that dies of this SIGTERM while still registered makes the
+    # handler raise "worker killed by signal" in whatever this process runs next (another loader's read, when the
+    # garbage collector closes an abandoned prefetch)
+    if getattr(it, "_worker_pids_set", False):
+        from torch.utils.data._utils import signal_handling
+
+        signal_handling._remove_worker_pids(id(it))
+        it._worker_pids_set = False
     for w in getattr(it, "_workers", ()):
         w.terminate()
     getattr(it, "_shutdown_workers", lambda: None)()  # joins them, closes the queues
