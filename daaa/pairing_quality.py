@@ -206,6 +206,10 @@ def measure(cfg: Config, data: Any, round_trips: tuple[torch.Tensor | None, torc
             figures.update(source_figures(f, data.source.images, data.source.labels, round_trips[0]))
         figures.update(target_figures(f, data.target.images, data.synthetic_source, round_trips[1],
                                       cfg.cyclegan.quality.confidence))
+    if cfg.cyclegan.lambda_semantic > 0:
+        # measured on the demo pair: agreements up (S_f 95 -> 100%), DAAA down (90.8 -> 72.3%; BENCHMARKS.md)
+        notes.append("cyclegan.lambda_semantic > 0 trains the generators to agree with the source network f, the "
+                     "figures' own judge: its agreements are no independent evidence that content is kept")
     return {"format": FORMAT, "key": key, "figures": figures, "warning": warning_of(figures, cfg), "notes": notes,
             "n_source": len(data.source), "n_target": len(data.target)}
 

@@ -227,6 +227,8 @@ def test_semantic_option_trains_the_source_first_and_resumes(tmp_path, monkeypat
     assert key["source_network"] == pq.weights_fingerprint(_source_net(run))
     hist = [json.loads(line) for line in (run / "translate" / "history.jsonl").read_text().splitlines()]
     assert all("semantic" in h for h in hist)
+    notes = json.loads((run / "translate" / "quality.json").read_text())["notes"]
+    assert any("no independent evidence" in n for n in notes)  # the option optimises the figures' own judge
     steps.clear()
     assert cli.main(args) == 0 and steps == []  # everything reused
 
