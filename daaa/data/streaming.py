@@ -215,7 +215,7 @@ def ordered_map(fn: Callable[[Any], Any], keys: Sequence[Any], workers: int) -> 
     # streamed run's dropout (DANN's discriminator) would then differ from the in-memory run's
     loader = DataLoader(_Calls(fn, keys), batch_size=None, num_workers=min(workers, len(keys), _cores()),
                         multiprocessing_context=context, worker_init_fn=_worker_init, generator=torch.Generator())
-    it, finished = iter(loader), False
+    it, finished, owner = iter(loader), False, os.getpid()
     try:
         for out in it:
             if isinstance(out, _Failure):
@@ -223,7 +223,9 @@ def ordered_map(fn: Callable[[Any], Any], keys: Sequence[Any], workers: int) -> 
             yield out
         finished = True  # DataLoader has ended its workers
     finally:
-        if not finished:  # stopped early (an error, a jump of the prefetch, a trainer dropped): end them now
+        # stopped early (an error, a jump of the prefetch, a trainer dropped): end them now -- but only in this
+        # process: a forked worker that inherits this generator and collects it would SIGTERM its siblings
+        if not finished and os.getpid() == owner:
             _stop_workers(it)
         it = None
 
