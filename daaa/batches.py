@@ -85,12 +85,19 @@ class MixedBatch:
             start += n
         return out
 
+    @staticmethod
+    def _leading_match(real: torch.Tensor, translated: torch.Tensor) -> int:
+        """len(translated) when the first rows of ``real`` are the images ``translated`` came from, else 0."""
+        n = len(translated)
+        return n if n and len(real) >= n and torch.equal(real[:n], translated) else 0
+
+    def paired_source_rows(self) -> int:
+        """How many leading S rows are the real counterparts of this batch's Tf rows."""
+        return self._leading_match(self.source_idx, self.tf_idx)
+
     def paired_target_rows(self) -> int:
         """How many leading T rows are the real counterparts of this batch's Sf rows."""
-        n = len(self.sf_idx)
-        if n and len(self.target_idx) >= n and torch.equal(self.target_idx[:n], self.sf_idx):
-            return n
-        return 0
+        return self._leading_match(self.target_idx, self.sf_idx)
 
     def crop_partners(self) -> torch.Tensor:
         """For each row (S | Tf | T | Sf), the row whose crop it takes: a T_f row G_ST(x^S_j) is cropped like the S
@@ -100,12 +107,9 @@ class MixedBatch:
         takes each anchor once (:meth:`daaa.trainers.adapt.DAAATrainer.attention_loss`)."""
         sl = self.slices()
         out = torch.arange(sl["Sf"].stop)
-        n_tf = len(self.tf_idx)
-        if n_tf and len(self.source_idx) >= n_tf and torch.equal(self.source_idx[:n_tf], self.tf_idx):
-            out[sl["Tf"]] = torch.arange(sl["S"].start, sl["S"].start + n_tf)
-        n_sf = self.paired_target_rows()
-        if n_sf:
-            out[sl["Sf"]] = torch.arange(sl["T"].start, sl["T"].start + n_sf)
+        for rows, real, n in (("Tf", "S", self.paired_source_rows()), ("Sf", "T", self.paired_target_rows())):
+            if n:
+                out[sl[rows]] = torch.arange(sl[real].start, sl[real].start + n)
         return out
 
     def anchor_rows(self, target_anchors: str = "all") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

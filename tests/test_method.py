@@ -229,7 +229,16 @@ def test_sharded_batches_cover_the_global_batch_and_keep_pairs():
     assert sorted(torch.cat([s.source_idx for s in shards]).tolist()) == sorted(full.source_idx.tolist())
     for s in shards:
         assert s.paired_target_rows() == len(s.sf_idx)
+        assert s.paired_source_rows() == len(s.tf_idx)
         assert torch.equal(s.tf_idx, s.source_idx[: len(s.tf_idx)])
+
+
+def test_unpaired_rows_keep_their_own_crop():
+    from daaa.batches import MixedBatch
+
+    b = MixedBatch(torch.tensor([3, 4]), torch.tensor([5]), torch.tensor([1, 2]), torch.tensor([1]))
+    assert (b.paired_source_rows(), b.paired_target_rows()) == (0, 1)
+    assert b.crop_partners().tolist() == [0, 1, 2, 3, 4, 3]  # Tf row 2 keeps its crop; Sf row 5 takes T row 3's
 
 
 def test_resnet50_forward_backward_tiny_input_and_aligned_layers():
