@@ -424,7 +424,10 @@ def run_translation(run_dir: Path, cfg: Config, source: ImageTensors, target: Im
     semantic = c.lambda_semantic > 0
     room = cfg.data.cache_bytes if room is None else room
     # cyclegan.steps compared apart: raising it on a finished translation extends it from its checkpoint
-    stage = Stage(run_dir, "translate", stage_key(cfg, source, target, guide if semantic else None), "cyclegan.steps")
+    key = stage_key(cfg, source, target, guide if semantic else None) if ctx.is_main else None
+    if ctx.distributed:  # one scan of the input files (streamed sets), not one per rank
+        key = ctx.broadcast_object(key)
+    stage = Stage(run_dir, "translate", key, "cyclegan.steps")
     keep = 2 * (source.images.nbytes + target.images.nbytes) <= room  # T_f and G_TS(T_f) as S; S_f and G_ST(S_f)
     model, trained, plan = None, None, None
     with main_first(ctx):
