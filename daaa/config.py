@@ -108,9 +108,11 @@ class PairingQualityConfig:
     fit_batch_size: int = 64
     held_out_fraction: float = 0.2  # of T_f, read after the fit
     # the warning "the translation changes what the images show" (README): any round-trip agreement below
-    # min_agreement, or a T_f legibility below min_legibility
+    # min_agreement, a T_f legibility below min_legibility, or a route agreement below min_route_agreement
     min_agreement: float = 0.8
     min_legibility: float = 0.75
+    # measured (BENCHMARKS.md): demo pair 87% (DAAA 90.8%), cycle weight 10 78% (85.3%), typeset pair 35% (44.8%)
+    min_route_agreement: float = 0.6
 
 
 @dataclass
@@ -374,7 +376,7 @@ def check_pairing_quality(c: CycleGANConfig) -> None:
     if c.lambda_semantic < 0:
         raise ConfigError(f"option cyclegan.lambda_semantic: {c.lambda_semantic} must be >= 0 (0 = off)")
     for name, v in (("confidence", q.confidence), ("min_agreement", q.min_agreement),
-                    ("min_legibility", q.min_legibility)):
+                    ("min_legibility", q.min_legibility), ("min_route_agreement", q.min_route_agreement)):
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"option cyclegan.quality.{name}: {v} is not in [0, 1]")
     if not 0.0 < q.held_out_fraction < 1.0:

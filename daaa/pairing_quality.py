@@ -13,9 +13,15 @@ user without target labels cannot see it. These figures need no target label; f 
   (``cyclegan.quality.fit_steps`` steps of the source optimiser), reads that share of held-out T_f as their source
   label. A coloured blur is illegible; note that a *consistent* relabelling (every 8 drawn as a 2) stays legible --
   the round trips see that one.
+* ``target_route_agreement``: the two translation directions label the real target alike: that T_f-fitted network
+  reads x^T (the G_ST route: it learnt the classes from translated source images) and f reads G_TS(x^T) (the G_TS
+  route), over every x^T. Unlike the figures above it also drops when G_ST misses a part of the target's style (a
+  T_f-fitted network then fails on those x^T), not only when the content changes; it tracked DAAA's accuracy across
+  good and bad CycleGAN settings on three digit pairs (BENCHMARKS.md).
 
-``warning`` is one line when a round-trip or S_f agreement is below ``cyclegan.quality.min_agreement`` or the
-legibility is below ``cyclegan.quality.min_legibility``: the translation then likely changes the content, and DAAA
+``warning`` is one line when a round-trip or S_f agreement is below ``cyclegan.quality.min_agreement``, the
+legibility below ``cyclegan.quality.min_legibility`` or the route agreement below
+``cyclegan.quality.min_route_agreement``: the translation then likely changes the content, and DAAA
 trains on wrong pairs. The figures are a diagnostic of the pairs, not a part of the method.
 """
 
@@ -44,7 +50,7 @@ from .runs import atomic_write_json, read_json_or
 
 LOG = logging.getLogger("daaa")
 
-FORMAT = "daaa-pairing-quality/1"
+FORMAT = "daaa-pairing-quality/2"  # /2: target_route_agreement
 AGREEMENTS = ("source_round_trip_agreement", "target_round_trip_agreement", "target_sf_agreement")
 # figure -> what it says, in the table of the log and of `daaa report`
 DESCRIPTIONS = {
@@ -54,7 +60,11 @@ DESCRIPTIONS = {
     "target_round_trip_agreement": "target round trip: f(G_ST(G_TS(x^T))) = confident f(x^T)",
     "target_sf_agreement": "target -> S_f: f(G_TS(x^T)) = confident f(x^T)",
     "tf_legibility": "T_f legibility: a brief T_f-only fit reads held-out T_f as their source label",
+    "target_route_agreement": "target routes: the T_f-only fit's label of x^T = f(G_TS(x^T))",
 }
+# figure -> the cyclegan.quality option below which it warns
+LIMITS = {**dict.fromkeys(AGREEMENTS, "min_agreement"), "tf_legibility": "min_legibility",
+          "target_route_agreement": "min_route_agreement"}
 _LEGIBILITY_SEED = 104729  # the held-out split and batches of the T_f-only fit: apart from every other draw
 
 
@@ -117,11 +127,12 @@ def target_figures(f: Callable[[torch.Tensor], torch.Tensor], images: torch.Tens
     return out
 
 
-def tf_legibility(synthetic_target: torch.Tensor, labels: torch.Tensor, cfg: Config,
-                  device: torch.device | str) -> float | None:
-    """The share of held-out T_f that a network fitted briefly on the other T_f (with their source labels) reads
-    as their source label: the preset's network, fresh, ``cyclegan.quality.fit_steps`` steps of the source
-    optimiser with the training augmentation. None when switched off (0 steps) or with fewer than 2 images."""
+def fit_tf_reader(synthetic_target: torch.Tensor, labels: torch.Tensor, cfg: Config,
+                  device: torch.device | str) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor] | None:
+    """A network that learnt the classes from T_f alone: the preset's network, fresh, fitted for
+    ``cyclegan.quality.fit_steps`` steps of the source optimiser with the training augmentation on all but a
+    held-out share of T_f (with their source labels). Returns (reader: uint8 images -> logits, held-out indices);
+    None when switched off (0 steps) or with fewer than 2 images. The run's global RNG is left as it was."""
     q = cfg.cyclegan.quality
     if q.fit_steps == 0 or len(synthetic_target) < 2:
         return None
@@ -143,17 +154,36 @@ def tf_legibility(synthetic_target: torch.Tensor, labels: torch.Tensor, cfg: Con
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    pred = predict(net, take(synthetic_target, held), cfg.data, local_context(device)).argmax(1)
-    return share_equal(pred, labels[held])
+    ctx = local_context(device)
+    return (lambda images: predict(net, images, cfg.data, ctx)), held
+
+
+def tf_legibility(synthetic_target: torch.Tensor, labels: torch.Tensor, cfg: Config,
+                  device: torch.device | str) -> float | None:
+    """The share of held-out T_f that :func:`fit_tf_reader`'s network reads as their source label (None: not
+    measured)."""
+    fitted = fit_tf_reader(synthetic_target, labels, cfg, device)
+    return None if fitted is None else _legibility(fitted, synthetic_target, labels)
+
+
+def _legibility(fitted: tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], synthetic_target: torch.Tensor,
+                labels: torch.Tensor) -> float | None:
+    read, held = fitted
+    return share_equal(read(take(synthetic_target, held)).argmax(1), labels[held])
+
+
+def route_agreement(read_tf: Callable[[torch.Tensor], torch.Tensor], f: Callable[[torch.Tensor], torch.Tensor],
+                    target_images: torch.Tensor, synthetic_source: torch.Tensor) -> float | None:
+    """The share of x^T that the G_ST route (``read_tf``: a network fitted on T_f) and the G_TS route (``f``, the
+    source network, on S_f = G_TS(x^T)) give the same label; no target label is used."""
+    return share_equal(read_tf(target_images).argmax(1), f(synthetic_source).argmax(1))
 
 
 def warning_of(figures: dict[str, Any], cfg: Config) -> str | None:
     """One line when the figures say the translation changes what the images show, else None."""
     q = cfg.cyclegan.quality
-    low = [f"{k} {figures[k] * 100:.1f}% < {q.min_agreement * 100:.0f}%" for k in AGREEMENTS
-           if figures.get(k) is not None and figures[k] < q.min_agreement]
-    if figures.get("tf_legibility") is not None and figures["tf_legibility"] < q.min_legibility:
-        low.append(f"tf_legibility {figures['tf_legibility'] * 100:.1f}% < {q.min_legibility * 100:.0f}%")
+    low = [f"{k} {figures[k] * 100:.1f}% < {getattr(q, option) * 100:.0f}%" for k, option in LIMITS.items()
+           if figures.get(k) is not None and figures[k] < getattr(q, option)]
     if not low:
         return None
     return ("the translation seems to change what the images show (" + "; ".join(low) + "): DAAA would train on "
@@ -179,15 +209,17 @@ def measure(cfg: Config, data: Any, round_trips: tuple[torch.Tensor | None, torc
             previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """quality.json's content for the pairs of ``data`` (a :class:`~daaa.data.domain.DomainData` with its
     synthetic streams) and ``round_trips`` = (G_TS(G_ST(x^S)), G_ST(G_TS(x^T))) (None: not known). Without a
-    ``source_net`` only the T_f legibility is measured; ``previous`` (an earlier quality.json) lends its
-    legibility when the T_f fit would be the same."""
+    ``source_net`` only the T_f legibility is measured, and ``previous`` (an earlier quality.json) lends its
+    legibility when the T_f fit would be the same (with one, the fit is needed again for the route agreement)."""
     key = quality_key(cfg, data, round_trips, source_net)
     figures: dict[str, float | None] = dict.fromkeys(DESCRIPTIONS)
-    old = previous or {}
-    if (old.get("key") or {}).get("legibility") == key["legibility"]:
-        figures["tf_legibility"] = (old.get("figures") or {}).get("tf_legibility")
+    old, fitted = previous or {}, None
+    if source_net is None and (old.get("key") or {}).get("legibility") == key["legibility"]:
+        figures["tf_legibility"] = (old.get("figures") or {}).get("tf_legibility")  # the route agreement needs f
     else:
-        figures["tf_legibility"] = tf_legibility(data.synthetic_target, data.source.labels, cfg, device)
+        fitted = fit_tf_reader(data.synthetic_target, data.source.labels, cfg, device)
+        figures["tf_legibility"] = None if fitted is None else _legibility(fitted, data.synthetic_target,
+                                                                           data.source.labels)
     notes = []
     if source_net is None:
         notes.append("no finished source network in the run folder: only the T_f legibility is measured "
@@ -206,6 +238,9 @@ def measure(cfg: Config, data: Any, round_trips: tuple[torch.Tensor | None, torc
             figures.update(source_figures(f, data.source.images, data.source.labels, round_trips[0]))
         figures.update(target_figures(f, data.target.images, data.synthetic_source, round_trips[1],
                                       cfg.cyclegan.quality.confidence))
+        if fitted is not None:
+            figures["target_route_agreement"] = route_agreement(fitted[0], f, data.target.images,
+                                                                data.synthetic_source)
     if cfg.cyclegan.lambda_semantic > 0:
         # measured on the demo pair: agreements up (S_f 95 -> 100%), DAAA down (90.8 -> 72.3%; BENCHMARKS.md)
         notes.append("cyclegan.lambda_semantic > 0 trains the generators to agree with the source network f, the "
@@ -241,8 +276,7 @@ def table_rows(quality: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, text in DESCRIPTIONS.items():
         v = figures.get(name)
-        limit = q.get("min_agreement") if name in AGREEMENTS else q.get("min_legibility") if name == "tf_legibility" \
-            else None
+        limit = q.get(LIMITS[name]) if name in LIMITS else None
         rows.append([name, text, "-" if v is None else f"{v * 100:.1f}%",
                      "-" if limit is None else f"{limit * 100:.0f}%"])
     return rows

@@ -106,14 +106,30 @@ def test_tf_legibility_identity_content_free_and_consistent_relabelling():
     assert torch.equal(torch.random.get_rng_state(), before)  # the run's global RNG is not touched
 
 
+def test_route_agreement_identity_and_permutation():
+    """The G_ST route (a network fitted on T_f) and the G_TS route (f on S_f) agree on every target image when both
+    translations keep the content, and on none when G_TS relabels (or when G_ST did: the fit learnt shifted bands)."""
+    cfg = tiny_cfg()
+    labels = torch.arange(80) % K
+    target = render(labels, seed=3)
+    f = reader(BandClassifier(), cfg)
+    keeps, _ = pq.fit_tf_reader(render(labels, seed=1), labels, cfg, "cpu")
+    assert pq.route_agreement(keeps, f, target, target) >= 0.95
+    assert pq.route_agreement(keeps, f, target, shift(target)) <= 0.05
+    relabels, _ = pq.fit_tf_reader(shift(render(labels, seed=1)), labels, cfg, "cpu")
+    assert pq.route_agreement(relabels, f, target, target) <= 0.05
+    assert pq.fit_tf_reader(target, labels, tiny_cfg(fit_steps=0), "cpu") is None
+
+
 def test_warning_is_one_line_naming_the_low_figures():
     cfg = tiny_cfg()
     good = dict.fromkeys(pq.DESCRIPTIONS, 1.0)
     assert pq.warning_of(good, cfg) is None
     assert pq.warning_of(dict.fromkeys(pq.DESCRIPTIONS), cfg) is None  # nothing measured: nothing to say
-    bad = {**good, "source_round_trip_agreement": 0.05, "tf_legibility": 0.3}
+    bad = {**good, "source_round_trip_agreement": 0.05, "tf_legibility": 0.3, "target_route_agreement": 0.59}
     line = pq.warning_of(bad, cfg)
     assert "\n" not in line and "source_round_trip_agreement 5.0% < 80%" in line and "tf_legibility 30.0%" in line
+    assert "target_route_agreement 59.0% < 60%" in line
     assert "target_sf_agreement" not in line
 
 
@@ -149,12 +165,17 @@ def test_measure_into_writes_reuses_and_reports(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("refitted although the T_f fit was the same")
 
-    monkeypatch.setattr(pq, "tf_legibility", boom)
+    monkeypatch.setattr(pq, "fit_tf_reader", boom)
     assert pq.measure_into(tmp_path, cfg, data, (IMAGES, IMAGES), None, "cpu") == first  # same key: reused
+    (tmp_path / "quality.json").write_text(json.dumps({**first, "key": {**first["key"], "pairs": "other"}}))
+    lent = pq.measure_into(tmp_path, cfg, data, (IMAGES, IMAGES), None, "cpu")  # other pairs, same T_f fit
+    assert lent["figures"]["tf_legibility"] == first["figures"]["tf_legibility"]
+    monkeypatch.undo()
     full = pq.measure_into(tmp_path, cfg, data, (shift(IMAGES), IMAGES), BandClassifier(), "cpu")
     figures = full["figures"]
-    assert figures["tf_legibility"] == first["figures"]["tf_legibility"]  # lent by the earlier file
+    assert figures["tf_legibility"] == first["figures"]["tf_legibility"]  # fitted again (for the routes): same
     assert figures["source_round_trip_agreement"] == 0.0 and figures["target_round_trip_agreement"] == 1.0
+    assert figures["target_route_agreement"] is not None
     assert full["notes"] == [] and "source_round_trip_agreement 0.0%" in full["warning"]
     run = tmp_path / "run"
     (run / "translate").mkdir(parents=True)
