@@ -111,7 +111,8 @@ class PairingQualityConfig:
     # min_agreement, a T_f legibility below min_legibility, or a route agreement below min_route_agreement
     min_agreement: float = 0.8
     min_legibility: float = 0.75
-    # measured (BENCHMARKS.md): demo pair 87% (DAAA 90.8%), cycle weight 10 78% (85.3%), typeset pair 35% (44.8%)
+    # measured (BENCHMARKS.md), route agreement (DAAA): demo pair 87% (90.8%), at cycle weight 10 77% (85.3%), other
+    # pair 76% (85.2%), at 300 CycleGAN steps 68% (81.3%), typeset pair 35% (44.8%)
     min_route_agreement: float = 0.6
 
 

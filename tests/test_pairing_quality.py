@@ -301,7 +301,8 @@ def test_typeset_pair_writes_labelled_folders_daaa_reads(tmp_path):
 @pytest.mark.parametrize("override, needle", [("cyclegan.lambda_semantic=-1", "cyclegan.lambda_semantic"),
                                               ("cyclegan.quality.confidence=1.5", "cyclegan.quality.confidence"),
                                               ("cyclegan.quality.held_out_fraction=1", "held_out_fraction"),
-                                              ("cyclegan.quality.fit_steps=-3", "cyclegan.quality.fit_steps")])
+                                              ("cyclegan.quality.fit_steps=-3", "cyclegan.quality.fit_steps"),
+                                              ("cyclegan.quality.min_route_agreement=2", "min_route_agreement")])
 def test_bad_options_are_one_line_errors(override, needle):
     from daaa.config import load_config
     from daaa.errors import ConfigError
