@@ -17,7 +17,7 @@ user without target labels cannot see it. These figures need no target label; f 
   reads x^T (the G_ST route: it learnt the classes from translated source images) and f reads G_TS(x^T) (the G_TS
   route), over every x^T. Unlike the figures above it also drops when G_ST misses a part of the target's style (a
   T_f-fitted network then fails on those x^T), not only when the content changes; it tracked DAAA's accuracy across
-  good and bad CycleGAN settings on three digit pairs (BENCHMARKS.md).
+  good and bad CycleGAN settings on two MNIST-M pairs (BENCHMARKS.md).
 
 ``warning`` is one line when a round-trip or S_f agreement is below ``cyclegan.quality.min_agreement``, the
 legibility below ``cyclegan.quality.min_legibility`` or the route agreement below
