@@ -186,8 +186,9 @@ def warning_of(figures: dict[str, Any], cfg: Config) -> str | None:
            if figures.get(k) is not None and figures[k] < getattr(q, option)]
     if not low:
         return None
-    return ("the translation seems to change what the images show (" + "; ".join(low) + "): DAAA would train on "
-            "wrong pairs; see README 'Pairing quality' (e.g. cyclegan.lambda_semantic, more cyclegan.steps)")
+    return ("the translation seems to change what the images show or to miss part of the target's look ("
+            + "; ".join(low) + "): DAAA would train on wrong pairs; see README 'Pairing quality' (e.g. more "
+            "cyclegan.steps, another cyclegan.lambda_cycle)")
 
 
 # ---------------------------------------------------------------------------------------------- measure, keep, show
