@@ -135,8 +135,9 @@ def test_ranks_make_the_same_collective_calls_and_only_rank0_writes(tmp_path: Pa
     assert _tree(tmp_path / "rank1") == before, "rank 1 wrote into the run folder"
     assert rank0.calls == rank1.calls
     kinds = [c[0] for c in rank0.calls]
-    # rank 0 first: resolving the data; translate: training, its plan (small sets: rank 0 translates), finishing
-    assert kinds.count("broadcast") == 4
+    # rank 0 first: resolving the data; translate: its stage key (rank 0 scans the inputs), training, its plan
+    # (small sets: rank 0 translates), finishing
+    assert kinds.count("broadcast") == 5
     assert kinds.count("all_reduce") > 12 + 2 * 2 + 3  # a step's losses, evaluations, posterior refreshes
 
 
