@@ -112,15 +112,16 @@ def source_figures(f: Callable[[torch.Tensor], torch.Tensor], images: torch.Tens
             "source_round_trip_accuracy": share_equal(back, labels)}
 
 
-def target_figures(f: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, synthetic_source: torch.Tensor,
+def target_figures(f: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, sf_labels: torch.Tensor,
                    round_trip: torch.Tensor | None, confidence: float) -> dict[str, float | None]:
-    """The target round trip x^T -> G_TS -> G_ST and S_f = G_TS(x^T), read by ``f`` against its own confident
-    labels of x^T (pseudo-labels: the target has none)."""
+    """The target round trip x^T -> G_TS -> G_ST and S_f = G_TS(x^T) (``sf_labels``: ``f``'s labels of S_f, which
+    :func:`route_agreement` reads too), read by ``f`` against its own confident labels of x^T (pseudo-labels: the
+    target has none)."""
     prob = f(images).softmax(1)
     conf, pseudo = prob.max(1)
     keep = conf >= confidence
     out = {"target_confident_share": share_equal(keep, torch.ones_like(keep)),
-           "target_sf_agreement": share_equal(f(synthetic_source).argmax(1), pseudo, keep),
+           "target_sf_agreement": share_equal(sf_labels, pseudo, keep),
            "target_round_trip_agreement": None}
     if round_trip is not None:
         out["target_round_trip_agreement"] = share_equal(f(round_trip).argmax(1), pseudo, keep)
@@ -172,11 +173,11 @@ def _legibility(fitted: tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tens
     return share_equal(read(take(synthetic_target, held)).argmax(1), labels[held])
 
 
-def route_agreement(read_tf: Callable[[torch.Tensor], torch.Tensor], f: Callable[[torch.Tensor], torch.Tensor],
-                    target_images: torch.Tensor, synthetic_source: torch.Tensor) -> float | None:
-    """The share of x^T that the G_ST route (``read_tf``: a network fitted on T_f) and the G_TS route (``f``, the
-    source network, on S_f = G_TS(x^T)) give the same label; no target label is used."""
-    return share_equal(read_tf(target_images).argmax(1), f(synthetic_source).argmax(1))
+def route_agreement(read_tf: Callable[[torch.Tensor], torch.Tensor], target_images: torch.Tensor,
+                    sf_labels: torch.Tensor) -> float | None:
+    """The share of x^T that the G_ST route (``read_tf``: a network fitted on T_f) and the G_TS route
+    (``sf_labels``: the source network's labels of S_f = G_TS(x^T)) give the same label; no target label is used."""
+    return share_equal(read_tf(target_images).argmax(1), sf_labels)
 
 
 def warning_of(figures: dict[str, Any], cfg: Config) -> str | None:
@@ -237,11 +238,11 @@ def measure(cfg: Config, data: Any, round_trips: tuple[torch.Tensor | None, torc
                          "round-trip figures are not measured")
         else:
             figures.update(source_figures(f, data.source.images, data.source.labels, round_trips[0]))
-        figures.update(target_figures(f, data.target.images, data.synthetic_source, round_trips[1],
+        sf_labels = f(data.synthetic_source).argmax(1)  # one pass over S_f for both figures that read it
+        figures.update(target_figures(f, data.target.images, sf_labels, round_trips[1],
                                       cfg.cyclegan.quality.confidence))
         if fitted is not None:
-            figures["target_route_agreement"] = route_agreement(fitted[0], f, data.target.images,
-                                                                data.synthetic_source)
+            figures["target_route_agreement"] = route_agreement(fitted[0], data.target.images, sf_labels)
     if cfg.cyclegan.lambda_semantic > 0:
         # measured on the demo pair: agreements up (S_f 95 -> 100%), DAAA down (90.8 -> 72.3%; BENCHMARKS.md)
         notes.append("cyclegan.lambda_semantic > 0 trains the generators to agree with the source network f, the "

@@ -73,21 +73,26 @@ def test_source_round_trip_identity_and_permutation(g_st, g_ts, expected):
     assert figures == {"source_round_trip_agreement": expected, "source_round_trip_accuracy": expected}
 
 
+def labels_of(f, images: torch.Tensor) -> torch.Tensor:
+    """f's labels of S_f, as ``measure`` computes them once for both figures that read them."""
+    return f(images).argmax(1)
+
+
 def test_target_figures_identity_permutation_and_confidence():
     cfg = tiny_cfg()
     f = reader(BandClassifier(), cfg)
-    same = pq.target_figures(f, IMAGES, IMAGES, IMAGES, confidence=0.9)
+    same = pq.target_figures(f, IMAGES, labels_of(f, IMAGES), IMAGES, confidence=0.9)
     assert same == {"target_confident_share": 1.0, "target_sf_agreement": 1.0, "target_round_trip_agreement": 1.0}
     # G_TS relabels every image; G_ST keeps the label: S_f and the round trip both disagree
-    permuted = pq.target_figures(f, IMAGES, shift(IMAGES), shift(IMAGES), confidence=0.9)
+    permuted = pq.target_figures(f, IMAGES, labels_of(f, shift(IMAGES)), shift(IMAGES), confidence=0.9)
     assert permuted["target_sf_agreement"] == 0.0 and permuted["target_round_trip_agreement"] == 0.0
     # half the target images show two bands: f is not confident there, and only the others count
     ambiguous = IMAGES.clone()
     ambiguous[::2] = torch.maximum(ambiguous[::2], shift(ambiguous[::2]))
-    mixed = pq.target_figures(f, ambiguous, ambiguous, None, confidence=0.9)
+    mixed = pq.target_figures(f, ambiguous, labels_of(f, ambiguous), None, confidence=0.9)
     assert mixed["target_confident_share"] == 0.5 and mixed["target_sf_agreement"] == 1.0
     assert mixed["target_round_trip_agreement"] is None  # no round trip given
-    assert pq.target_figures(f, ambiguous[::2], ambiguous[::2], None, 0.9)["target_sf_agreement"] is None
+    assert pq.target_figures(f, ambiguous[::2], labels_of(f, ambiguous[::2]), None, 0.9)["target_sf_agreement"] is None
 
 
 def test_tf_legibility_identity_content_free_and_consistent_relabelling():
@@ -114,10 +119,10 @@ def test_route_agreement_identity_and_permutation():
     target = render(labels, seed=3)
     f = reader(BandClassifier(), cfg)
     keeps, _ = pq.fit_tf_reader(render(labels, seed=1), labels, cfg, "cpu")
-    assert pq.route_agreement(keeps, f, target, target) >= 0.95
-    assert pq.route_agreement(keeps, f, target, shift(target)) <= 0.05
+    assert pq.route_agreement(keeps, target, labels_of(f, target)) >= 0.95
+    assert pq.route_agreement(keeps, target, labels_of(f, shift(target))) <= 0.05
     relabels, _ = pq.fit_tf_reader(shift(render(labels, seed=1)), labels, cfg, "cpu")
-    assert pq.route_agreement(relabels, f, target, target) <= 0.05
+    assert pq.route_agreement(relabels, target, labels_of(f, target)) <= 0.05
     assert pq.fit_tf_reader(target, labels, tiny_cfg(fit_steps=0), "cpu") is None
 
 
