@@ -169,6 +169,9 @@ class AdaptConfig:
     # where F_l of Eq. 4 is read (daaa.models.attention_taps): the conv's output (default; signed features, as the
     # paper's |F| suggests), after its activation, or the residual blocks' outputs
     attention_tap: Literal["conv", "activation", "block"] = "conv"
+    # at beta = 0 L_AT is only logged (Fig. 4 left: the discrepancy without the penalty), on every N-th step: its
+    # frozen source-net forward was a fifth of such a row's step, for a curve that one step in N draws as well
+    attention_log_interval: int = 10
     sync_interval: int = 200  # N: M_post copies the target network every N steps
     confidence_threshold: float = 0.95  # p_t after the first sync
     initial_confidence_threshold: float = 1.0  # p_t before the first sync (1 keeps no EM sample)
@@ -415,6 +418,7 @@ def validate(cfg: Config) -> None:
     for name, v in (("source.steps", cfg.source.steps), ("adapt.steps", a.steps), ("cyclegan.steps", cfg.cyclegan.steps),
                     ("source.batch_size", cfg.source.batch_size), ("adapt.batch_size", a.batch_size),
                     ("cyclegan.batch_size", cfg.cyclegan.batch_size), ("adapt.sync_interval", a.sync_interval),
+                    ("adapt.attention_log_interval", a.attention_log_interval),
                     ("cyclegan.shard_size", cfg.cyclegan.shard_size),
                     ("data.image_size", cfg.data.image_size)):
         if v <= 0:

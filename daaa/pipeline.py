@@ -272,6 +272,8 @@ def adapt(runner: StageRunner, cfg: Config, data: DomainData, source_model: nn.M
     adapt_key = dataclasses.asdict(spec)
     if adapt_key["attention_tap"] == "conv":  # absent = conv: adapt stages made before the option stay valid
         del adapt_key["attention_tap"]
+    if spec.beta > 0 or spec.attention_log_interval == AdaptConfig.attention_log_interval:
+        del adapt_key["attention_log_interval"]  # no effect on training; a logging-only choice of beta = 0 rows
     key = stage_key(cfg, data, probe, {"adapt": adapt_key, "source": dataclasses.asdict(cfg.source)},
                     [fingerprint(data.source.images, data.source.labels),
                      fingerprint(data.target.images if data.target else None),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -15,6 +16,7 @@ from daaa.em import PosteriorNetwork, confidence_mask, em_loss
 from daaa.models import DigitCNN
 from daaa.optim import lr_factor
 from daaa.config import OptimConfig
+from daaa.errors import ConfigError
 
 
 def _hand_map(f: torch.Tensor, kind: str) -> torch.Tensor:
@@ -333,3 +335,26 @@ def test_the_attention_tap_setting_changes_what_L_AT_reads(tmp_path):
         assert math.isfinite(seen[tap]) and seen[tap] > 0, tap
     assert seen["conv"] != seen["activation"]
     assert seen["block"] == seen["activation"]  # the digit CNN has no residual blocks: read after its ReLUs
+
+
+def test_a_beta_0_row_logs_L_AT_every_nth_step_and_trains_alike(tmp_path):
+    """adapt.attention_log_interval: at beta = 0 the frozen source net runs on every N-th step only (and the last),
+    and the trained weights do not depend on N (L_AT only is logged there)."""
+    from daaa import bench
+    from daaa.config import load_config
+    from daaa.distributed import Context
+
+    ctx = Context(0, 1, torch.device("cpu"), None, False)
+    logged, weights = {}, {}
+    for every in (1, 3):
+        cfg = load_config("smoke", ["adapt.beta=0", f"adapt.attention_log_interval={every}", "adapt.steps=7"])
+        trainer = bench.daaa_trainer(cfg, bench.synthetic_data(cfg), ctx, tmp_path, f"every{every}")
+        trainer.spec = dataclasses.replace(trainer.spec, steps=7)  # the bench sets a never-reached end
+        logged[every] = [trainer.step(i)["L_AT"] for i in range(7)]
+        weights[every] = [p.detach().clone() for p in trainer.net.parameters()]
+    assert all(v is not None and v > 0 for v in logged[1])
+    assert [v is not None for v in logged[3]] == [False, False, True, False, False, True, True]
+    assert [logged[3][i] for i in (2, 5, 6)] == [logged[1][i] for i in (2, 5, 6)]
+    assert all(torch.equal(a, b) for a, b in zip(weights[1], weights[3]))
+    with pytest.raises(ConfigError, match="adapt.attention_log_interval"):
+        load_config("smoke", ["adapt.attention_log_interval=0"])

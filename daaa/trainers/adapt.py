@@ -68,7 +68,8 @@ class DAAATrainer(Trainer):
         self.uses_em = bool(self.streams & {"T", "Sf"})
         self.posterior_net = PosteriorNetwork(self.net, spec.sync_interval)
         self.posterior_cache: torch.Tensor | None = None
-        # L_AT needs the frozen source net; it is computed (and logged, Fig. 4 left) even when beta = 0
+        # L_AT needs the frozen source net; at beta = 0 it is still logged (Fig. 4 left), every
+        # adapt.attention_log_interval-th step
         self.source_net = source_net
         self.alignment = AttentionAlignmentLoss(spec.attention, spec.discrepancy, reduction="sum")
         # Eq. 4's F_l of each aligned layer, read where adapt.attention_tap says (a ViT: one line, no layer)
@@ -177,7 +178,15 @@ class DAAATrainer(Trainer):
         sl = batch.slices()
         loss_em, kept = self.em_loss(logits[sl["T"].start:sl["Sf"].stop], posterior)
         return {"L_CE": self.classification_loss(batch, logits[sl["S"].start:sl["Tf"].stop]),
-                "L_EM": loss_em, "em_kept": kept, "L_AT": self.attention_loss(batch, crops)}
+                "L_EM": loss_em, "em_kept": kept,
+                "L_AT": self.attention_loss(batch, crops) if self.computes_attention(step) else None}
+
+    def computes_attention(self, step: int) -> bool:
+        """Whether step ``step`` computes L_AT: always when it trains (beta > 0) or costs nothing (no source network:
+        zero); at beta = 0 it is only logged, on every ``adapt.attention_log_interval``-th step (and the last)."""
+        spec = self.spec
+        return (self.source_net is None or spec.beta > 0 or (step + 1) % spec.attention_log_interval == 0
+                or step + 1 == spec.steps)
 
     def classification_loss(self, batch: MixedBatch, logits: torch.Tensor) -> torch.Tensor:
         """L_CE, Eq. 6: real source images and their translations T_f = G_ST(x^S), both with y^S."""
@@ -299,6 +308,9 @@ class DAAATrainer(Trainer):
         t = self.losses(self.sampler.batch(step), step)
         # Eq. 12. Sums over the global batch divided by its size (a constant factor of the paper's sums); times the
         # world size because DDP averages the ranks' gradients.
+        logged_at = t["L_AT"] is not None
+        if not logged_at:  # beta = 0 and not a logging step: the sums below carry a zero in its place
+            t["L_AT"] = torch.zeros((), device=ctx.device)
         loss = (t["L_CE"] + t["L_EM"] + spec.beta * t["L_AT"]) * (ctx.world_size / self.global_batch)
         # the global sums come before the update: every rank sees the same values, so a NaN on one rank's shard
         # stops all ranks at the same step (no rank left waiting in backward's all-reduce)
@@ -313,7 +325,7 @@ class DAAATrainer(Trainer):
         n_lab, n_unlab = n["S"] + n["Tf"], n["T"] + n["Sf"]
         return {"loss": (ce + em + spec.beta * at) / self.global_batch,
                 "L_CE": ce / max(n_lab, 1), "L_EM": em / max(n_unlab, 1),
-                "L_AT": at / self.global_batch, "em_kept": n_kept,
+                "L_AT": at / self.global_batch if logged_at else None, "em_kept": n_kept,
                 "em_kept_fraction": n_kept / max(n_unlab, 1), "lr": lr,
                 "syncs": self.posterior_net.syncs}
 
