@@ -1,0 +1,127 @@
+"""Probes behind BENCHMARKS.md's "Tried and dropped" (CycleGAN step) and the quiet profile of the DAAA step (issue 18).
+
+    python3 benchmarks/step_probes.py threads B T     # one CycleGAN step, batch B, T intra-op threads
+    python3 benchmarks/step_probes.py sharded B K     # the same step as K Python threads of B/K images (1 thread each)
+    python3 benchmarks/step_probes.py groupnorm       # batch 32 with group norm (groups = channels) for instance norm
+    python3 benchmarks/step_probes.py profile         # torch.profiler of 10 source-only and 10 DAAA bench steps
+
+The CycleGAN probes use random images of the ``digits-cpu`` shape and print seconds per step (20 steps after 5 of
+warm-up); "two processes" in BENCHMARKS.md is ``threads 16 1`` started twice at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from daaa.config import load_config
+from daaa.style_gst import build_cyclegan, style_field
+
+
+def _cyclegan(batch: int):
+    cfg = load_config("digits-cpu", [f"cyclegan.batch_size={batch}"])
+    torch.manual_seed(0)
+    xs, xt = torch.rand(batch, 3, 32, 32) * 2 - 1, torch.rand(batch, 3, 32, 32) * 2 - 1
+    return cfg, build_cyclegan(cfg.cyclegan, 3, 0, None, cfg.runtime.channels_last), xs, xt
+
+
+def _time(step, label: str) -> None:
+    for _ in range(5):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        step()
+    print(f"{label}: {(time.perf_counter() - t0) / 20:.3f} s per step")
+
+
+def threads(batch: int, n_threads: int) -> None:
+    torch.set_num_threads(n_threads)
+    _, model, xs, xt = _cyclegan(batch)
+    _time(lambda: model.training_step(xs, xt), f"batch {batch}, {n_threads} thread(s)")
+
+
+def sharded(batch: int, shards: int) -> None:
+    """The generator and discriminator halves of CycleGAN.training_step on ``shards`` slices of the batch in parallel
+    Python threads (1 intra-op thread each), gradients summed in a fixed order: the same math as one step."""
+    cfg, m, xs, xt = _cyclegan(batch)
+    n = torch.get_num_threads()
+    pool = ThreadPoolExecutor(shards, initializer=lambda: torch.set_num_threads(1))
+    list(pool.map(lambda _: time.sleep(0.05), range(shards)))
+    torch.set_num_threads(n)  # the workers keep their own setting
+    g_params = list(itertools.chain(m.G_ST.parameters(), m.G_TS.parameters()))
+    d_params = list(itertools.chain(m.D_T.parameters(), m.D_S.parameters()))
+
+    def gen_half(part):
+        rs, rt, donors = part
+        fake_t = m.G_ST(rs, m._input(style_field(donors, cfg.cyclegan.style_grid)))
+        fake_s = m.G_TS(rt)
+        loss = (m.gan_loss(m.D_T(fake_t), True) + m.gan_loss(m.D_S(fake_s), True)
+                + F.l1_loss(m.G_TS(fake_t), rs) + F.l1_loss(m.g_st(fake_s, rt), rt))
+        return torch.autograd.grad(loss * len(rs) / batch, g_params), fake_t.detach(), fake_s.detach()
+
+    def disc_half(part):
+        rs, rt, pt, ps = part
+        loss = 0.5 * (m.gan_loss(m.D_T(rt), True) + m.gan_loss(m.D_T(pt), False)
+                      + m.gan_loss(m.D_S(rs), True) + m.gan_loss(m.D_S(ps), False))
+        return torch.autograd.grad(loss * len(rs) / batch, d_params)
+
+    def step():
+        rs, rt = m._input(xs), m._input(xt)
+        m._set_d_grad(False)
+        out = list(pool.map(gen_half, zip(rs.chunk(shards), rt.chunk(shards), torch.roll(rt, 1, 0).chunk(shards))))
+        for i, p in enumerate(g_params):
+            p.grad = sum(o[0][i] for o in out)
+        m.opt_g.step()
+        m._set_d_grad(True)
+        pt = m.pool_t.query(torch.cat([o[1] for o in out]))
+        ps = m.pool_s.query(torch.cat([o[2] for o in out]))
+        grads = list(pool.map(disc_half, zip(rs.chunk(shards), rt.chunk(shards), pt.chunk(shards), ps.chunk(shards))))
+        for i, p in enumerate(d_params):
+            p.grad = sum(g[i] for g in grads)
+        m.opt_d.step()
+
+    _time(step, f"batch {batch} as {shards} threads")
+
+
+def groupnorm() -> None:
+    nn.InstanceNorm2d.forward = lambda self, x: F.group_norm(x, x.shape[1], eps=self.eps)  # same math, other kernel
+    _, model, xs, xt = _cyclegan(32)
+    _time(lambda: model.training_step(xs, xt), "batch 32, group norm")
+
+
+def profile() -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from daaa import bench
+    from daaa.pairing_quality import local_context
+
+    cfg = load_config("digits-cpu", ["runtime.progress=false"])
+    ctx = local_context("cpu")
+    ctx.channels_last = cfg.runtime.channels_last
+    data, folder = bench.synthetic_data(cfg, 0), Path(tempfile.mkdtemp())
+    source_only = bench.daaa_trainer(cfg, data, ctx, folder, "source", True)
+    daaa = bench.daaa_trainer(cfg, data, ctx, folder)
+    first = cfg.adapt.sync_interval  # EM active, as in `daaa bench`
+    for i in range(5):
+        source_only.step(i)
+        daaa.step(first + i)
+    for name, trainer, start in (("source_only", source_only, 10), ("daaa", daaa, first + 10)):
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(10):
+                trainer.step(start + i)
+        print(f"===== {name}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=40))
+
+
+if __name__ == "__main__":
+    mode, args = sys.argv[1], [int(a) for a in sys.argv[2:]]
+    {"threads": threads, "sharded": sharded, "groupnorm": groupnorm, "profile": profile}[mode](*args)
