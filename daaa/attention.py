@@ -34,8 +34,10 @@ def attention_map(features: torch.Tensor, kind: AttentionKind = "l2") -> torch.T
     """
     f = features.float()
     if kind == "l2":
-        a = _ChannelEnergy.apply(f) if f.requires_grad else (f * f).sum(dim=1)
-    elif kind == "l1":
+        if f.requires_grad:
+            return _NormalisedEnergy.apply(f)
+        return F.normalize(_channel_energy(f), p=2, dim=1, eps=_EPS)
+    if kind == "l1":
         a = f.abs().sum(dim=1)
     elif kind == "linf":
         a = f.abs().amax(dim=1)
@@ -43,22 +45,42 @@ def attention_map(features: torch.Tensor, kind: AttentionKind = "l2") -> torch.T
         a = f
     else:
         raise ValueError(f"unknown attention kind {kind!r} (l2, l1, linf, fm)")
-    return F.normalize(a.flatten(1), p=2, dim=1, eps=1e-12)
+    return F.normalize(a.flatten(1), p=2, dim=1, eps=_EPS)
 
 
-class _ChannelEnergy(torch.autograd.Function):
-    """sum_c F_c^2 over dim 1 (Eq. 4) with a one-pass backward, dA/dF_c = 2 F_c: autograd's own backward of
-    ``f.pow(2).sum(1)`` makes several passes over the largest activations of the network (5x slower on CPU)."""
+_EPS = 1e-12  # F.normalize's: an all-zero map stays zero
+
+
+def _channel_energy(f: torch.Tensor) -> torch.Tensor:
+    """Eq. 4, sum_c F_c^2, flattened to (N, H*W): one read of the features (``(f * f).sum(1)`` writes and reads a
+    copy of them first -- they are the largest tensors of the step)."""
+    return torch.linalg.vector_norm(f, ord=2, dim=1).square_().flatten(1)
+
+
+class _NormalisedEnergy(torch.autograd.Function):
+    """A / |A|_2 with A = sum_c F_c^2 (Eq. 4 and the normalisation of Eq. 5) as one autograd node.
+
+    Backward in one pass over the features: with m = A / s, s = |A|_2, dL/dA = (g - m <m, g>) / s and
+    dL/dF_c = 2 F_c dL/dA. Autograd's own graph of these ops makes several passes over the largest activations of
+    the network and a dozen small nodes per layer (the DAAA step's cost over plain training, issue 18)."""
 
     @staticmethod
     def forward(ctx, f: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(f)
-        return (f * f).sum(dim=1)
+        a = _channel_energy(f)
+        s = torch.linalg.vector_norm(a, ord=2, dim=1, keepdim=True)
+        clamped = s < _EPS  # F.normalize's eps: an all-zero map has no direction, its gradient is g / eps
+        s = s.clamp_min(_EPS)
+        m = a / s
+        ctx.save_for_backward(f, m, s, clamped)
+        return m
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (f,) = ctx.saved_tensors
-        return f * (2.0 * grad).unsqueeze(1)
+        f, m, s, clamped = ctx.saved_tensors
+        radial = torch.where(clamped, 0.0, (m * grad).sum(dim=1, keepdim=True))
+        grad_a = (grad - m * radial) / s
+        n, _, h, w = f.shape
+        return f * grad_a.mul_(2.0).view(n, 1, h, w)
 
 
 #: a layer to record: its name in ``named_modules()``, or (name, fn) to record ``fn(output)`` instead of its output

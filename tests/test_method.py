@@ -9,8 +9,10 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from daaa import AttentionAlignmentLoss, FeatureRecorder, attention_map
+from daaa.attention import _NormalisedEnergy
 from daaa.batches import MixedBatchSampler, stream_counts
 from daaa.em import PosteriorNetwork, confidence_mask, em_loss
 from daaa.models import DigitCNN
@@ -54,6 +56,39 @@ def test_attention_map_eq4_is_sum_of_squares():
     f[0, :, 0, 0] = torch.tensor([3.0, 4.0])  # 9 + 16 = 25
     f[0, :, 0, 1] = torch.tensor([0.0, 0.0])
     assert torch.allclose(attention_map(f), torch.tensor([[1.0, 0.0]]))
+
+
+def test_attention_map_gradient_equals_autograd_of_eq4_and_normalisation():
+    """The one-node backward of the L2 map (daaa.attention._NormalisedEnergy) against autograd's graph of
+    normalize(sum_c F_c^2), on random features, channels_last ones and an all-zero map (F.normalize's eps)."""
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(3, 4, 5, 6, generator=g, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(_NormalisedEnergy.apply, (f,))  # in float64 (attention_map computes in float32)
+    for feats in (torch.randn(4, 8, 6, 6, generator=g).contiguous(memory_format=torch.channels_last),
+                  torch.cat([torch.zeros(1, 8, 6, 6), torch.randn(1, 8, 6, 6, generator=g)])):
+        weights = torch.randn(len(feats), 36, generator=g)
+        fused, naive = feats.clone().requires_grad_(), feats.clone().requires_grad_()
+        (attention_map(fused) * weights).sum().backward()
+        (F.normalize((naive * naive).sum(1).flatten(1), dim=1) * weights).sum().backward()
+        torch.testing.assert_close(fused.grad, naive.grad, rtol=1e-5, atol=1e-6)
+        assert fused.grad.is_contiguous(memory_format=torch.channels_last) == feats.is_contiguous(
+            memory_format=torch.channels_last)
+
+
+def test_digit_cnn_pools_before_relu_exactly_as_after():
+    """DigitCNN runs ReLU(maxpool(conv)) -- a quarter of the ReLU's work -- which equals maxpool(ReLU(conv)) in
+    values and gradients."""
+    net, _ = _nets()
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    h = x
+    for conv in (net.conv1, net.conv2, net.conv3):
+        h = F.max_pool2d(F.relu(conv(h)), 2)
+    reference = net.head(h.flatten(1))
+    ref_grads = torch.autograd.grad(reference.square().sum(), list(net.parameters()))
+    out = net(x)
+    grads = torch.autograd.grad(out.square().sum(), list(net.parameters()))
+    assert torch.equal(out, reference)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
 
 
 def _nets(seed: int = 0) -> tuple[DigitCNN, DigitCNN]:

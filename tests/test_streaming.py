@@ -186,6 +186,27 @@ def test_prefetched_streamed_training_equals_in_memory(tmp_path, monkeypatch, ov
     assert _run(resumed, range(len(steps), len(steps) + 2)) == _run(eager, range(len(steps), len(steps) + 2))
 
 
+def test_prefetch_reads_anchors_only_on_steps_that_compute_L_AT(tmp_path):
+    """A beta = 0 row logs L_AT on every adapt.attention_log_interval-th step only: the workers decode the anchors
+    of Eq. 5 for those steps and not for the others."""
+    from daaa.data.streaming import step_rows
+
+    cfg = load_config("smoke", ["adapt.beta=0", "adapt.attention_log_interval=3"])
+    data = bench.synthetic_data(cfg)
+    lazy = bench.daaa_trainer(cfg, _streamed(data, tmp_path), CPU, tmp_path, "lazy")
+    sampler = lazy.sampler
+    assert isinstance(sampler, PrefetchingSampler)
+    for step in range(6):
+        planned = dict(zip(sampler.names, sampler._plan(step)))
+        reads = "all" if step in (2, 5) else None  # steps 3 and 6 (1-based) log L_AT
+        assert lazy.computes_attention(step) == (reads is not None)
+        want = step_rows(sampler.sampler.batch(step), reads)
+        for name, rows in planned.items():
+            assert torch.equal(rows, want[name]), (step, name)
+    assert not torch.equal(step_rows(sampler.sampler.batch(0), None)["synthetic_source"],
+                           step_rows(sampler.sampler.batch(0), "all")["synthetic_source"])
+
+
 def test_prefetched_streamed_baseline_equals_in_memory(tmp_path):
     """The baseline trainer (DANN here) reads streamed S and T through the same prefetch: identical steps."""
     from daaa.runs import Stage

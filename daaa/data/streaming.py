@@ -423,10 +423,14 @@ def step_rows(batch: Any, anchors: str | None) -> dict[str, torch.Tensor]:
 class PrefetchingSampler:
     """A :class:`daaa.batches.MixedBatchSampler` whose ``batch(step)`` first stages the step's images of the
     streamed sets, decoded ahead by a :class:`StepPrefetch` (the trainer's ``data.source.images[rows]`` then costs no
-    decoding). The batches are the sampler's own: the same with and without prefetching."""
+    decoding). The batches are the sampler's own: the same with and without prefetching.
 
-    def __init__(self, sampler: Any, data: DomainData, end: int, workers: int, anchors: str | None):
-        self.sampler, self.anchors = sampler, anchors
+    ``anchor_steps(step)`` says whether step ``step`` reads the anchors of Eq. 5 (None: every step): a beta = 0 row
+    computes L_AT only on its logging steps (:meth:`daaa.trainers.adapt.DAAATrainer.computes_attention`)."""
+
+    def __init__(self, sampler: Any, data: DomainData, end: int, workers: int, anchors: str | None,
+                 anchor_steps: Callable[[int], bool] | None = None):
+        self.sampler, self.anchors, self.anchor_steps = sampler, anchors, anchor_steps
         found = {"source": data.source.images, "synthetic_target": data.synthetic_target,
                  "target": data.target.images if data.target is not None else None,
                  "synthetic_source": data.synthetic_source}
@@ -435,7 +439,8 @@ class PrefetchingSampler:
         self.prefetch = StepPrefetch(self.sets, self._plan, end, workers)
 
     def _plan(self, step: int) -> list[torch.Tensor]:
-        rows = step_rows(self.sampler.batch(step), self.anchors)
+        reads_anchors = self.anchor_steps is None or self.anchor_steps(step)
+        rows = step_rows(self.sampler.batch(step), self.anchors if reads_anchors else None)
         return [rows[k] for k in self.names]
 
     def batch(self, step: int) -> Any:
@@ -449,8 +454,9 @@ class PrefetchingSampler:
         return getattr(self.sampler, name)
 
 
-def prefetching(sampler: Any, data: DomainData, end: int, workers: int, anchors: str | None) -> Any:
+def prefetching(sampler: Any, data: DomainData, end: int, workers: int, anchors: str | None,
+                anchor_steps: Callable[[int], bool] | None = None) -> Any:
     """``sampler`` itself when every set a step reads is in memory, else a :class:`PrefetchingSampler`."""
     sets = (data.source.images, data.target.images if data.target is not None else None, data.synthetic_target,
             data.synthetic_source)
-    return PrefetchingSampler(sampler, data, end, workers, anchors) if is_streamed(*sets) else sampler
+    return PrefetchingSampler(sampler, data, end, workers, anchors, anchor_steps) if is_streamed(*sets) else sampler

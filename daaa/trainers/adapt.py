@@ -63,7 +63,7 @@ class DAAATrainer(Trainer):
         # streamed data sets: DataLoader workers decode the images of the coming steps ahead (the batches and their
         # pairing stay the sampler's, a function of (seed, step); each rank decodes its own rows)
         self.sampler = prefetching(self.sampler, data, spec.steps, data_cfg.num_workers,
-                                   spec.target_anchors if source_net is not None else None)
+                                   spec.target_anchors if source_net is not None else None, self.computes_attention)
         self.global_batch = spec.batch_size
         self.uses_em = bool(self.streams & {"T", "Sf"})
         self.posterior_net = PosteriorNetwork(self.net, spec.sync_interval)
