@@ -39,6 +39,25 @@ def test_paired_rows_share_crops_so_the_source_net_takes_each_anchor_once(tmp_pa
     assert rows == [n["S"] + n["T"]] and sum(n.values()) > rows[0]
 
 
+def test_anchors_that_are_batch_rows_are_not_prepared_again(tmp_path, monkeypatch):
+    """The S rows and the S_f rows are their own anchors (same image, same crop): the frozen source net takes them
+    from the prepared batch; only the T rows whose S_f is not a row are decoded, cropped and normalised again."""
+    import daaa.trainers.adapt as adapt
+
+    cfg = load_config("smoke", ["data.augment=true", "data.load_size=36", "adapt.batch_size=20"])
+    trainer = bench.daaa_trainer(cfg, bench.synthetic_data(cfg), CPU, tmp_path, "reuse")
+    prepared, real = [], adapt.prepare
+
+    def counting(images, *args, **kwargs):
+        prepared.append(len(images))
+        return real(images, *args, **kwargs)
+
+    monkeypatch.setattr(adapt, "prepare", counting)
+    trainer.step(3)
+    n = trainer.sampler.batch(3).counts
+    assert prepared == [sum(n.values()), n["T"] - n["Sf"]]  # the batch, then the anchors that are no row of it
+
+
 @pytest.mark.parametrize("overrides", [
     [],  # the digits settings: cached source maps, async M_post
     ["adapt.beta=0", "adapt.attention_log_interval=1"],  # L_AT is still computed and logged, but has no gradient

@@ -179,7 +179,7 @@ class DAAATrainer(Trainer):
         loss_em, kept = self.em_loss(logits[sl["T"].start:sl["Sf"].stop], posterior)
         return {"L_CE": self.classification_loss(batch, logits[sl["S"].start:sl["Tf"].stop]),
                 "L_EM": loss_em, "em_kept": kept,
-                "L_AT": self.attention_loss(batch, crops) if self.computes_attention(step) else None}
+                "L_AT": self.attention_loss(batch, crops, x) if self.computes_attention(step) else None}
 
     def computes_attention(self, step: int) -> bool:
         """Whether step ``step`` computes L_AT: always when it trains (beta > 0) or costs nothing (no source network:
@@ -251,10 +251,12 @@ class DAAATrainer(Trainer):
         """Modification C: the learning-rate schedule restarts at every M_post sync (EM-C: it never restarts)."""
         return step - self.posterior_net.last_sync_step if self.spec.restart_schedule else step
 
-    def attention_loss(self, batch: MixedBatch, crops: torch.Tensor | None) -> torch.Tensor:
+    def attention_loss(self, batch: MixedBatch, crops: torch.Tensor | None,
+                       inputs: torch.Tensor | None = None) -> torch.Tensor:
         """L_AT, Eq. 5: the four pair terms over every aligned layer, between the frozen source network's maps of
         each pair's anchor and the target network's maps of the batch row (recorded during :meth:`losses`'
-        forward). Zero without a source network.
+        forward). Zero without a source network. ``inputs``: the batch as the target network took it (anchors that
+        are rows of it, the S and S_f rows, are not prepared again).
 
         Which rows take part is :meth:`daaa.batches.MixedBatch.anchor_rows`: with ``target_anchors="all"`` (default)
         every real target row n has its fourth-term anchor G_TS(x^T_n), as Eq. 5's sum over n reads, also in the
@@ -262,39 +264,61 @@ class DAAATrainer(Trainer):
         if self.source_net is None:
             return torch.zeros((), device=self.ctx.device)
         target_rows, src_idx, sf_idx = batch.anchor_rows(self.spec.target_anchors)
-        anchor_maps = self._anchor_maps(crops, target_rows, src_idx, sf_idx)
+        anchor_maps, anchor_of_pair = self._anchor_maps(batch, crops, inputs, target_rows, src_idx, sf_idx)
         rows = target_rows.to(self.ctx.device)
         with torch.set_grad_enabled(self.spec.beta > 0):  # computed and logged (Fig. 4) even when beta = 0
             # maps of the whole batch, then the paired rows: picking rows of the small maps rather than of the
             # conv features keeps each feature gradient one dense tensor (no scatter into zeros)
             target_maps = self.alignment.maps(self.target_features.features)
             if len(rows) == len(target_maps[0]):  # every row is paired (term 4 on all T rows): Eq. 5 is a sum, so
-                order = torch.argsort(rows)      # the anchors are put in row order instead (no gradient to route)
-                return self.alignment.from_maps([a[order] for a in anchor_maps], target_maps)
-            return self.alignment.from_maps(anchor_maps, [m[rows] for m in target_maps])
+                # the anchors are put in row order instead (no gradient to route)
+                anchor_of_row = anchor_of_pair[torch.argsort(rows)]
+                return self.alignment.from_maps([a[anchor_of_row] for a in anchor_maps], target_maps)
+            return self.alignment.from_maps([a[anchor_of_pair] for a in anchor_maps], [m[rows] for m in target_maps])
 
-    def _anchor_maps(self, crops: torch.Tensor | None, target_rows: torch.Tensor, src_idx: torch.Tensor,
-                     sf_idx: torch.Tensor) -> list[torch.Tensor]:
-        """The source net's maps of each pair's anchor image -- S[src_idx], then S_f[sf_idx] (an S_f image is indexed
-        by its real target image, so a T row's anchor needs no S_f row) -- from the cache, or one frozen forward when
-        the images are augmented (the anchor is cropped like its paired row)."""
+    def _anchor_maps(self, batch: MixedBatch, crops: torch.Tensor | None, inputs: torch.Tensor | None,
+                     target_rows: torch.Tensor, src_idx: torch.Tensor,
+                     sf_idx: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The source net's maps of the pairs' anchor images -- S[src_idx], then S_f[sf_idx] (an S_f image is
+        indexed by its real target image, so a T row's anchor needs no S_f row) -- as (maps, index): pair k's anchor
+        map is ``maps[l][index[k]]``. From the cache, or one frozen forward of each distinct (image, crop) when the
+        images are augmented (the anchor is cropped like its paired row, so the T_f and S_f rows' anchors are those
+        of the S and T rows)."""
+        device = self.ctx.device
         if self.source_maps is not None:
-            idx = torch.cat([src_idx, sf_idx + len(self.data.source)]).to(self.ctx.device)
-            return [m[idx] for m in self.source_maps]
-        # each distinct (image, crop) once: with paired crops the T_f and S_f rows' anchors are the S and T rows'
+            return self.source_maps, torch.cat([src_idx, sf_idx + len(self.data.source)]).to(device)
         which = torch.cat([torch.zeros_like(src_idx), torch.ones_like(sf_idx)])
         crop = crops[target_rows] if crops is not None else torch.zeros(len(which), 3, dtype=torch.long)
         key = torch.cat([which[:, None], torch.cat([src_idx, sf_idx])[:, None], crop], dim=1)
-        unique, inverse = torch.unique(key, dim=0, return_inverse=True)  # sorted: the S anchors first
-        n_src = int((unique[:, 0] == 0).sum())
-        anchors = torch.cat([self.data.source.images[unique[:n_src, 1]],
-                             self.data.synthetic_source[unique[n_src:, 1]]])
-        x = prepare(anchors, self.data_cfg, train=True, crops=None if crops is None else unique[:, 2:],
-                    device=self.ctx.device, channels_last=self.ctx.channels_last)
+        unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+        # an anchor that is a row of the batch (an S row; an S_f row, cropped like its T row) is that row of the
+        # prepared inputs: the same image, crop and normalisation
+        row_of: dict[tuple, int] = {}
+        if inputs is not None:
+            sl = batch.slices()
+            for kind, stream, idx in ((0, "S", batch.source_idx), (1, "Sf", batch.sf_idx)):
+                rows = range(sl[stream].start, sl[stream].stop)
+                row_crops = crops[sl[stream]].tolist() if crops is not None else [[0, 0, 0]] * len(rows)
+                for r, i, c in zip(rows, idx.tolist(), row_crops):
+                    row_of.setdefault((kind, i, *c), r)
+        keys = [tuple(k) for k in unique.tolist()]
+        found = [k for k, u in enumerate(keys) if u in row_of]
+        missing = [k for k, u in enumerate(keys) if u not in row_of]
+        parts = []
+        if found:
+            parts.append(inputs[torch.tensor([row_of[keys[k]] for k in found], device=device)])
+        if missing:
+            todo = unique[missing]
+            n_src = int((todo[:, 0] == 0).sum())  # sorted: the S anchors first
+            images = torch.cat([self.data.source.images[todo[:n_src, 1]],
+                                self.data.synthetic_source[todo[n_src:, 1]]])
+            parts.append(prepare(images, self.data_cfg, train=True, crops=None if crops is None else todo[:, 2:],
+                                 device=device, channels_last=self.ctx.channels_last))
+        position = torch.empty(len(keys), dtype=torch.long)
+        position[torch.tensor(found + missing, dtype=torch.long)] = torch.arange(len(keys))
         with torch.no_grad(), FeatureRecorder(self.source_net, self.layers) as rec, self.ctx.autocast():
-            self.source_net(x)
-            rows = inverse.to(self.ctx.device)
-            return [m[rows] for m in self.alignment.maps(rec.features)]
+            self.source_net(torch.cat(parts) if len(parts) > 1 else parts[0])
+            return self.alignment.maps(rec.features), position[inverse].to(device)
 
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> dict[str, Any]:
