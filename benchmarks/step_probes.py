@@ -4,6 +4,7 @@
     python3 benchmarks/step_probes.py sharded B K     # the same step as K Python threads of B/K images (1 thread each)
     python3 benchmarks/step_probes.py groupnorm       # batch 32 with group norm (groups = channels) for instance norm
     python3 benchmarks/step_probes.py profile         # torch.profiler of 10 source-only and 10 DAAA bench steps
+    python3 benchmarks/step_probes.py floor [R]       # source-only step, + the anchors' frozen forward, DAAA step
 
 The CycleGAN probes use random images of the ``digits-cpu`` shape and print seconds per step (20 steps after 5 of
 warm-up); "two processes" in BENCHMARKS.md is ``threads 16 1`` started twice at once.
@@ -97,10 +98,9 @@ def groupnorm() -> None:
     _time(lambda: model.training_step(xs, xt), "batch 32, group norm")
 
 
-def profile() -> None:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
+def _trainers():
+    """The bench's source-only and DAAA trainers of the ``digits-cpu`` preset, the DAAA one past its first M_post
+    sync (EM active, as in `daaa bench`)."""
     from daaa import bench
     from daaa.pairing_quality import local_context
 
@@ -110,10 +110,18 @@ def profile() -> None:
     data, folder = bench.synthetic_data(cfg, 0), Path(tempfile.mkdtemp())
     source_only = bench.daaa_trainer(cfg, data, ctx, folder, "source", True)
     daaa = bench.daaa_trainer(cfg, data, ctx, folder)
-    first = cfg.adapt.sync_interval  # EM active, as in `daaa bench`
+    first = cfg.adapt.sync_interval
     for i in range(5):
         source_only.step(i)
         daaa.step(first + i)
+    return cfg, source_only, daaa, first
+
+
+def profile() -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    _, source_only, daaa, first = _trainers()
     for name, trainer, start in (("source_only", source_only, 10), ("daaa", daaa, first + 10)):
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             for i in range(10):
@@ -122,6 +130,49 @@ def profile() -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=40))
 
 
+def floor(rounds: int = 15) -> None:
+    """How far the DAAA step is from what Eq. 5 cannot avoid: the frozen source net's forward on the anchors. Times a
+    source-only step, the same step plus that forward on one DAAA batch's anchors (their maps included), and the DAAA
+    step, in interleaved rounds of 5 steps; prints the medians and the median ratios to the source-only step."""
+    import statistics
+
+    from daaa.data.transforms import prepare, train_crops
+
+    cfg, source_only, daaa, first = _trainers()
+    batch = daaa.sampler.batch(first)
+    images = daaa._images(batch)
+    crops = train_crops(images, cfg.data, cfg.runtime.seed, first)[batch.crop_partners()]
+    x = prepare(images, cfg.data, train=True, crops=crops, channels_last=cfg.runtime.channels_last)
+    rows, src_idx, sf_idx = batch.anchor_rows(cfg.adapt.target_anchors)
+    step = {"source_only": 10, "daaa": first + 10}
+
+    def plain() -> None:
+        source_only.step(step["source_only"])
+        step["source_only"] += 1
+
+    def plus_anchors() -> None:
+        plain()
+        with torch.no_grad():
+            daaa._anchor_maps(batch, crops, x, rows, src_idx, sf_idx)
+
+    def full() -> None:
+        daaa.step(step["daaa"])
+        step["daaa"] += 1
+
+    runs = {"source-only step": plain, "+ the anchors' frozen forward": plus_anchors, "DAAA step": full}
+    ms: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            for _ in range(5):
+                fn()
+            ms[name].append((time.perf_counter() - t0) / 5 * 1000)
+    base = ms["source-only step"]
+    for name, v in ms.items():
+        ratio = statistics.median(a / b for a, b in zip(v, base))
+        print(f"{name}: {statistics.median(v):.1f} ms per step (median of {rounds}), {ratio:.3f}x the source-only step")
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], [int(a) for a in sys.argv[2:]]
-    {"threads": threads, "sharded": sharded, "groupnorm": groupnorm, "profile": profile}[mode](*args)
+    {"threads": threads, "sharded": sharded, "groupnorm": groupnorm, "profile": profile, "floor": floor}[mode](*args)
