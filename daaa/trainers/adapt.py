@@ -291,16 +291,15 @@ class DAAATrainer(Trainer):
         crop = crops[target_rows] if crops is not None else torch.zeros(len(which), 3, dtype=torch.long)
         key = torch.cat([which[:, None], torch.cat([src_idx, sf_idx])[:, None], crop], dim=1)
         unique, inverse = torch.unique(key, dim=0, return_inverse=True)
-        # an anchor that is a row of the batch (an S row; an S_f row, cropped like its T row) is that row of the
-        # prepared inputs: the same image, crop and normalisation
+        # the pairs of Eq. 5's first and third terms, (x^S, x^S) and (G_TS(x^T), G_TS(x^T)), have their own row as
+        # anchor: that row of the prepared inputs is the same image, crop and normalisation
         row_of: dict[tuple, int] = {}
         if inputs is not None:
             sl = batch.slices()
-            for kind, stream, idx in ((0, "S", batch.source_idx), (1, "Sf", batch.sf_idx)):
-                rows = range(sl[stream].start, sl[stream].stop)
-                row_crops = crops[sl[stream]].tolist() if crops is not None else [[0, 0, 0]] * len(rows)
-                for r, i, c in zip(rows, idx.tolist(), row_crops):
-                    row_of.setdefault((kind, i, *c), r)
+            own = torch.zeros(len(target_rows), dtype=torch.bool)
+            for stream in ("S", "Sf"):
+                own |= (target_rows >= sl[stream].start) & (target_rows < sl[stream].stop)
+            row_of = dict(zip(map(tuple, key[own].tolist()), target_rows[own].tolist()))
         keys = [tuple(k) for k in unique.tolist()]
         found = [k for k, u in enumerate(keys) if u in row_of]
         missing = [k for k, u in enumerate(keys) if u not in row_of]
