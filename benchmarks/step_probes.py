@@ -4,7 +4,7 @@
     python3 benchmarks/step_probes.py sharded B K     # the same step as K Python threads of B/K images (1 thread each)
     python3 benchmarks/step_probes.py groupnorm       # batch 32 with group norm (groups = channels) for instance norm
     python3 benchmarks/step_probes.py profile         # torch.profiler of 10 source-only and 10 DAAA bench steps
-    python3 benchmarks/step_probes.py floor [R]       # source-only step, + the anchors' frozen forward, DAAA step
+    python3 benchmarks/step_probes.py floor [R]       # source-only step, + the anchors' frozen forward, + L_AT, DAAA step
 
 The CycleGAN probes use random images of the ``digits-cpu`` shape and print seconds per step (20 steps after 5 of
 warm-up); "two processes" in BENCHMARKS.md is ``threads 16 1`` started twice at once.
@@ -131,11 +131,14 @@ def profile() -> None:
 
 
 def floor(rounds: int = 15) -> None:
-    """How far the DAAA step is from what Eq. 5 cannot avoid: the frozen source net's forward on the anchors. Times a
-    source-only step, the same step plus that forward on one DAAA batch's anchors (their maps included), and the DAAA
-    step, in interleaved rounds of 5 steps; prints the medians and the median ratios to the source-only step."""
+    """How far the DAAA step is from what Eq. 5 cannot avoid with crops: the frozen source net's forward on the
+    anchors, and the target net's maps of every row with their backward. Times a source-only step, the same step plus
+    that forward on one DAAA batch's anchors (their maps included), the same again with L_AT against those anchors
+    added to its loss (the target maps of its 64 rows, forward and backward), and the DAAA step, in interleaved
+    rounds of 5 steps; prints the medians and the median ratios to the source-only step."""
     import statistics
 
+    from daaa.attention import FeatureRecorder
     from daaa.data.transforms import prepare, train_crops
 
     cfg, source_only, daaa, first = _trainers()
@@ -155,11 +158,30 @@ def floor(rounds: int = 15) -> None:
         with torch.no_grad():
             daaa._anchor_maps(batch, crops, x, rows, src_idx, sf_idx)
 
+    def plus_alignment() -> None:
+        # L_AT's own work on top: the target net's maps of the 64 rows (forward and backward) against the anchors
+        cross_entropy = source_only.classification_loss
+
+        def with_alignment(b, logits):
+            with torch.no_grad():
+                maps, index = daaa._anchor_maps(batch, crops, x, rows, src_idx, sf_idx)
+            order = index[torch.argsort(rows)]
+            return cross_entropy(b, logits) + daaa.alignment.from_maps([m[order] for m in maps],
+                                                                       daaa.alignment.maps(rec.features))
+
+        with FeatureRecorder(source_only.net, daaa.layers) as rec:
+            source_only.classification_loss = with_alignment
+            try:
+                plain()
+            finally:
+                del source_only.classification_loss
+
     def full() -> None:
         daaa.step(step["daaa"])
         step["daaa"] += 1
 
-    runs = {"source-only step": plain, "+ the anchors' frozen forward": plus_anchors, "DAAA step": full}
+    runs = {"source-only step": plain, "+ the anchors' frozen forward": plus_anchors,
+            "+ L_AT against them (target maps, forward and backward)": plus_alignment, "DAAA step": full}
     ms: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
         for name, fn in runs.items():

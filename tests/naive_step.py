@@ -59,11 +59,12 @@ def naive_daaa_losses(trainer, step: int) -> dict[str, torch.Tensor]:
     for s in STREAM_ORDER:  # four target-network forwards
         if sl[s].stop == sl[s].start:
             continue
-        with ctx.autocast():
-            logits[s] = trainer.model(prep(streams[s], sl[s])).float()
-        if at_on:
-            with torch.set_grad_enabled(spec.beta > 0):
-                maps[s] = trainer.alignment.maps(trainer.target_features.features)
+        with FeatureRecorder(trainer.net, trainer.layers if at_on else []) as rec:
+            with ctx.autocast():
+                logits[s] = trainer.model(prep(streams[s], sl[s])).float()
+            if at_on:
+                with torch.set_grad_enabled(spec.beta > 0):
+                    maps[s] = trainer.alignment.maps(rec.features)
 
     dev = ctx.device
     zero = torch.zeros((), device=dev)

@@ -74,7 +74,6 @@ class DAAATrainer(Trainer):
         self.alignment = AttentionAlignmentLoss(spec.attention, spec.discrepancy, reduction="sum")
         # Eq. 4's F_l of each aligned layer, read where adapt.attention_tap says (a ViT: one line, no layer)
         self.layers = attention_taps(self.net, spec.attention_tap) if source_net is not None else []
-        self.target_features = FeatureRecorder(self.net, self.layers) if source_net is not None else None
         self.source_maps: list[torch.Tensor] | None = None  # per layer: the maps of S, then those of S_f
         if source_net is not None:
             self.source_net = source_net.to(ctx.device).eval().requires_grad_(False)
@@ -161,9 +160,8 @@ class DAAATrainer(Trainer):
 
         ``L_CE`` (Eq. 6) on S and T_f with the source labels, ``L_EM`` (Eq. 11) on T and S_f against M_post's
         posteriors, ``L_AT`` (Eq. 5) over every aligned layer and pair; ``em_kept`` counts the EM rows kept by p_t.
-        One forward of the target network takes the four streams; the crops come from (seed, step). The posteriors
-        are looked up (or, for EM-A, computed) first: EM-A's forward of the same network would otherwise replace the
-        features recorded for L_AT.
+        One forward of the target network takes the four streams and records its aligned layers' features for L_AT;
+        the crops come from (seed, step).
         """
         posterior = self.posterior(batch)
         images = self._images(batch)
@@ -173,13 +171,16 @@ class DAAATrainer(Trainer):
         x = prepare(images, self.data_cfg, train=True, crops=crops, device=self.ctx.device,
                     channels_last=self.ctx.channels_last)
         self.model.train()
-        with self.ctx.autocast():
+        attention = self.computes_attention(step)
+        # the aligned layers' features are recorded only by this forward (not by evaluation or EM-A's forwards)
+        with FeatureRecorder(self.net, self.layers if attention else []) as rec, self.ctx.autocast():
             logits = self.model(x).float()  # S | T_f | T | S_f
+            features = rec.features
         sl = batch.slices()
         loss_em, kept = self.em_loss(logits[sl["T"].start:sl["Sf"].stop], posterior)
         return {"L_CE": self.classification_loss(batch, logits[sl["S"].start:sl["Tf"].stop]),
                 "L_EM": loss_em, "em_kept": kept,
-                "L_AT": self.attention_loss(batch, crops, x) if self.computes_attention(step) else None}
+                "L_AT": self.attention_loss(batch, crops, features, x) if attention else None}
 
     def computes_attention(self, step: int) -> bool:
         """Whether step ``step`` computes L_AT: always when it trains (beta > 0) or costs nothing (no source network:
@@ -251,12 +252,12 @@ class DAAATrainer(Trainer):
         """Modification C: the learning-rate schedule restarts at every M_post sync (EM-C: it never restarts)."""
         return step - self.posterior_net.last_sync_step if self.spec.restart_schedule else step
 
-    def attention_loss(self, batch: MixedBatch, crops: torch.Tensor | None,
+    def attention_loss(self, batch: MixedBatch, crops: torch.Tensor | None, target_features: list[torch.Tensor],
                        inputs: torch.Tensor | None = None) -> torch.Tensor:
         """L_AT, Eq. 5: the four pair terms over every aligned layer, between the frozen source network's maps of
-        each pair's anchor and the target network's maps of the batch row (recorded during :meth:`losses`'
-        forward). Zero without a source network. ``inputs``: the batch as the target network took it (anchors that
-        are rows of it, the S and S_f rows, are not prepared again).
+        each pair's anchor and the target network's maps of the batch's rows (``target_features``: per aligned
+        layer, as recorded during :meth:`losses`' forward). Zero without a source network. ``inputs``: the batch as
+        the target network took it (anchors that are rows of it, the S and S_f rows, are not prepared again).
 
         Which rows take part is :meth:`daaa.batches.MixedBatch.anchor_rows`: with ``target_anchors="all"`` (default)
         every real target row n has its fourth-term anchor G_TS(x^T_n), as Eq. 5's sum over n reads, also in the
@@ -269,7 +270,7 @@ class DAAATrainer(Trainer):
         with torch.set_grad_enabled(self.spec.beta > 0):  # computed and logged (Fig. 4) even when beta = 0
             # maps of the whole batch, then the paired rows: picking rows of the small maps rather than of the
             # conv features keeps each feature gradient one dense tensor (no scatter into zeros)
-            target_maps = self.alignment.maps(self.target_features.features)
+            target_maps = self.alignment.maps(target_features)
             if len(rows) == len(target_maps[0]):  # every row is paired (term 4 on all T rows): Eq. 5 is a sum, so
                 # the anchors are put in row order instead (no gradient to route)
                 anchor_of_row = anchor_of_pair[torch.argsort(rows)]
