@@ -58,6 +58,29 @@ def test_anchors_that_are_batch_rows_are_not_prepared_again(tmp_path, monkeypatc
     assert prepared == [sum(n.values()), n["T"] - n["Sf"]]  # the batch, then the anchors that are no row of it
 
 
+def test_the_target_net_is_recorded_only_during_the_training_forward(tmp_path):
+    """The aligned layers' features are recorded by the training forward of a step that computes L_AT only: no hook
+    stays on the target network between steps (an evaluation forward records nothing, keeps nothing alive)."""
+    cfg = load_config("smoke", ["data.augment=true", "data.load_size=36"])
+    trainer = bench.daaa_trainer(cfg, bench.synthetic_data(cfg), CPU, tmp_path, "scoped")
+    hooked = []
+    step_rows = sum(trainer.sampler.batch(0).counts.values())
+    forward = trainer.net.forward
+
+    def counting(x):
+        hooked.append((x.shape[0], sum(len(m._forward_hooks) for m in trainer.net.modules())))
+        return forward(x)
+
+    trainer.net.forward = counting
+    out = trainer.step(0)
+    trainer.net.eval()
+    with torch.no_grad():
+        trainer.net(torch.zeros(2, 3, cfg.data.image_size, cfg.data.image_size))
+    assert out["L_AT"] > 0
+    assert hooked[-2:] == [(step_rows, len(trainer.layers)), (2, 0)]
+    assert sum(len(m._forward_hooks) for m in trainer.net.modules()) == 0
+
+
 @pytest.mark.parametrize("overrides", [
     [],  # the digits settings: cached source maps, async M_post
     ["adapt.beta=0", "adapt.attention_log_interval=1"],  # L_AT is still computed and logged, but has no gradient
