@@ -163,11 +163,7 @@ def floor(rounds: int = 15) -> None:
         cross_entropy = source_only.classification_loss
 
         def with_alignment(b, logits):
-            with torch.no_grad():
-                maps, index = daaa._anchor_maps(batch, crops, x, rows, src_idx, sf_idx)
-            order = index[torch.argsort(rows)]
-            return cross_entropy(b, logits) + daaa.alignment.from_maps([m[order] for m in maps],
-                                                                       daaa.alignment.maps(rec.features))
+            return cross_entropy(b, logits) + daaa.attention_loss(batch, crops, rec.features, x)
 
         with FeatureRecorder(source_only.net, daaa.layers) as rec:
             source_only.classification_loss = with_alignment
