@@ -239,10 +239,13 @@ def _stop_workers(it: Any) -> None:
     # handler raise "worker killed by signal" in whatever this process runs next (another loader's read, when the
     # garbage collector closes an abandoned prefetch)
     if getattr(it, "_worker_pids_set", False):
-        from torch.utils.data._utils import signal_handling
+        try:  # torch's private API: if a release moves it, the workers still end below (the watch may then report)
+            from torch.utils.data._utils import signal_handling
 
-        signal_handling._remove_worker_pids(id(it))
-        it._worker_pids_set = False
+            signal_handling._remove_worker_pids(id(it))
+            it._worker_pids_set = False
+        except (ImportError, AttributeError):
+            pass
     for w in getattr(it, "_workers", ()):
         w.terminate()
     getattr(it, "_shutdown_workers", lambda: None)()  # joins them, closes the queues
