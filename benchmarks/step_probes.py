@@ -5,6 +5,7 @@
     python3 benchmarks/step_probes.py groupnorm       # batch 32 with group norm (groups = channels) for instance norm
     python3 benchmarks/step_probes.py profile         # torch.profiler of 10 source-only and 10 DAAA bench steps
     python3 benchmarks/step_probes.py floor [R]       # source-only step, + the anchors' frozen forward, + L_AT, DAAA step
+    python3 benchmarks/step_probes.py int8 [R]        # the anchors' frozen forward in fp32 vs eager int8 quantization
 
 The CycleGAN probes use random images of the ``digits-cpu`` shape and print seconds per step (20 steps after 5 of
 warm-up); "two processes" in BENCHMARKS.md is ``threads 16 1`` started twice at once.
@@ -191,6 +192,62 @@ def floor(rounds: int = 15) -> None:
         print(f"{name}: {statistics.median(v):.1f} ms per step (median of {rounds}), {ratio:.3f}x the source-only step")
 
 
+def int8(rounds: int = 3) -> None:
+    """The frozen source net's forward to its last aligned layer on one DAAA step's 44 anchor rows, fp32 in the
+    trainer's layout against PyTorch's eager int8 quantization (x86 qconfig, per-channel weights, calibrated on the
+    batch), alternated in rounds of 50 calls; then the int8 maps' relative L2 distance to the fp32 maps per layer."""
+    import copy
+    import warnings
+
+    import torch.ao.quantization as tq
+
+    from daaa.attention import attention_map
+    from daaa.data.transforms import prepare, train_crops
+
+    cfg, _, daaa, first = _trainers()
+    batch = daaa.sampler.batch(first)
+    images = daaa._images(batch)
+    crops = train_crops(images, cfg.data, cfg.runtime.seed, first)[batch.crop_partners()]
+    x = prepare(images, cfg.data, train=True, crops=crops, channels_last=cfg.runtime.channels_last)[:44]
+    net = daaa.source_net.eval()
+
+    def maps_to_conv3(m: nn.Module, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        a = m.conv1(v)
+        b = m.conv2(m.act(m.pool(a)))
+        return a, b, m.conv3(m.act(m.pool(b)))
+
+    class Quantized(nn.Module):
+        def __init__(self, m: nn.Module):
+            super().__init__()
+            self.quant, self.m, self.dequant = tq.QuantStub(), m, tq.DeQuantStub()
+
+        def forward(self, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(self.dequant(f) for f in maps_to_conv3(self.m, self.quant(v)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        q = Quantized(copy.deepcopy(net).to(memory_format=torch.contiguous_format)).eval()
+        q.qconfig = tq.get_default_qconfig("x86")
+        tq.prepare(q, inplace=True)
+        with torch.no_grad():
+            q(x.contiguous())
+        tq.convert(q, inplace=True)
+    runs = {"fp32 (trainer's layout)": lambda: maps_to_conv3(net, x), "int8": lambda: q(x.contiguous())}
+    with torch.no_grad():
+        for r in range(rounds):
+            for name, fn in runs.items():
+                for _ in range(5):
+                    fn()
+                t0 = time.perf_counter()
+                for _ in range(50):
+                    fn()
+                print(f"round {r}: {name} {(time.perf_counter() - t0) / 50 * 1000:.2f} ms")
+        for layer, (f, g) in enumerate(zip(runs["fp32 (trainer's layout)"](), runs["int8"]()), 1):
+            a, b = attention_map(f), attention_map(g)
+            print(f"conv{layer} map: int8 off fp32 by {float((a - b).norm() / a.norm()):.2%} (relative L2)")
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], [int(a) for a in sys.argv[2:]]
-    {"threads": threads, "sharded": sharded, "groupnorm": groupnorm, "profile": profile, "floor": floor}[mode](*args)
+    {"threads": threads, "sharded": sharded, "groupnorm": groupnorm, "profile": profile, "floor": floor,
+     "int8": int8}[mode](*args)
