@@ -35,13 +35,14 @@ def _cyclegan(batch: int):
     return cfg, build_cyclegan(cfg.cyclegan, 3, 0, None, cfg.runtime.channels_last), xs, xt
 
 
-def _time(step, label: str) -> None:
+def _time(step, label: str, repeats: int = 20, ms: bool = False) -> None:
     for _ in range(5):
         step()
     t0 = time.perf_counter()
-    for _ in range(20):
+    for _ in range(repeats):
         step()
-    print(f"{label}: {(time.perf_counter() - t0) / 20:.3f} s per step")
+    seconds = (time.perf_counter() - t0) / repeats
+    print(f"{label}: {seconds * 1000:.2f} ms per call" if ms else f"{label}: {seconds:.3f} s per step")
 
 
 def threads(batch: int, n_threads: int) -> None:
@@ -236,12 +237,7 @@ def int8(rounds: int = 3) -> None:
     with torch.no_grad():
         for r in range(rounds):
             for name, fn in runs.items():
-                for _ in range(5):
-                    fn()
-                t0 = time.perf_counter()
-                for _ in range(50):
-                    fn()
-                print(f"round {r}: {name} {(time.perf_counter() - t0) / 50 * 1000:.2f} ms")
+                _time(fn, f"round {r}: {name}", repeats=50, ms=True)
         for layer, (f, g) in enumerate(zip(runs["fp32 (trainer's layout)"](), runs["int8"]()), 1):
             a, b = attention_map(f), attention_map(g)
             print(f"conv{layer} map: int8 off fp32 by {float((a - b).norm() / a.norm()):.2%} (relative L2)")
