@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,8 @@ def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y).float().mean())
 
 
-def translate(fn, x: torch.Tensor) -> torch.Tensor:
+def translate(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn`` (a generator's no-grad translation) over ``x`` in batches of 256."""
     return torch.cat([fn(b) for b in x.split(256)])
 
 
