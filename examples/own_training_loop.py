@@ -54,8 +54,8 @@ def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y).float().mean())
 
 
-def translate(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``fn`` (a generator's no-grad translation) over ``x`` in batches of 256."""
+def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn`` (a no-grad translation or posterior) over ``x`` in batches of 256."""
     return torch.cat([fn(b) for b in x.split(256)])
 
 
@@ -88,8 +88,8 @@ def main() -> None:
     for step in range(args.cyclegan_steps):
         cyclegan.training_step(xs[torch.randint(len(xs), (16,), generator=gen)],
                                xt[torch.randint(len(xt), (16,), generator=gen)])
-    x_tf = translate(cyclegan.translate_st, xs)  # row i is the pair of xs[i]
-    x_sf = translate(cyclegan.translate_ts, xt)  # row j is the pair of xt[j]
+    x_tf = batched(cyclegan.translate_st, xs)  # row i is the pair of xs[i]
+    x_sf = batched(cyclegan.translate_ts, xt)  # row j is the pair of xt[j]
     print(f"CycleGAN: {args.cyclegan_steps} steps ({time.time() - t0:.0f} s)")
 
     # 2. The source network, trained on S and then frozen
@@ -110,6 +110,7 @@ def main() -> None:
     layers = list(target_net.aligned_layers)  # conv1, conv2, conv3: every conv layer before the classifier
     align = AttentionAlignmentLoss()  # Eq. 4 maps, Eq. 5's L2 distance of each pair, summed
     posterior_net = PosteriorNetwork(target_net, sync_interval=args.sync_interval)  # M_post, modification A
+    posteriors = batched(posterior_net, xt)  # p(z | x^T) of every target image: they change only at a sync
     opt = torch.optim.Adam(target_net.parameters(), 1e-3)  # constant lr: modification C restarts nothing
     # which anchor (a row of the frozen net's input [S rows | S_f of the T rows]) each batch row is aligned with:
     # S rows x^S_i and T_f rows G_ST(x^S_j) with x^S; T rows x^T_n and S_f rows G_TS(x^T_m) with G_TS(x^T)
@@ -117,6 +118,7 @@ def main() -> None:
     for step in range(args.adapt_steps):
         if posterior_net.due(step):
             posterior_net.sync(target_net, step)
+            posteriors = batched(posterior_net, xt)
         s = torch.randint(len(xs), (N_S,), generator=gen)
         t = torch.randint(len(xt), (N_T,), generator=gen)
         # pairs stay together: the T_f rows translate the first S rows, the S_f rows the first T rows
@@ -129,7 +131,7 @@ def main() -> None:
             loss_at = align(anchor_features, rows.features)  # Eq. 5
         loss_ce = F.cross_entropy(logits[:N_S + N_TF], torch.cat([ys[s], ys[s[:N_TF]]]), reduction="sum")
         # Eq. 11: an S_f row takes its real target image's posterior (p(z | G_TS(x^T)) = p(z | x^T), Sec. 3.3)
-        posterior = posterior_net(xt[t])
+        posterior = posteriors[t]
         keep = confidence_mask(posterior, posterior_net.threshold(0.95, 1.0))  # p_t = 1 before the first sync
         em_rows = torch.arange(N_T + N_SF) % N_T  # T rows, then S_f rows (the first T rows' translations)
         loss_em = em_loss(logits[N_S + N_TF:], posterior[em_rows], keep[em_rows])
