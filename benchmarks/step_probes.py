@@ -6,6 +6,8 @@
     python3 benchmarks/step_probes.py profile         # torch.profiler of 10 source-only and 10 DAAA bench steps
     python3 benchmarks/step_probes.py floor [R]       # source-only step, + the anchors' frozen forward, + L_AT, DAAA step
     python3 benchmarks/step_probes.py int8 [R]        # the anchors' frozen forward in fp32 vs eager int8 quantization
+    python3 benchmarks/step_probes.py compile [R]     # a plain step and an L_AT step, eager vs torch.compile
+    python3 benchmarks/step_probes.py overlap [R]     # the anchors' frozen forward in a second thread, beside the target's
 
 The CycleGAN probes use random images of the ``digits-cpu`` shape and print seconds per step (20 steps after 5 of
 warm-up); "two processes" in BENCHMARKS.md is ``threads 16 1`` started twice at once.
@@ -119,6 +121,126 @@ def _trainers():
     return cfg, source_only, daaa, first
 
 
+def _first_batch(cfg, daaa, first: int):
+    """The DAAA trainer's batch of step ``first``, its crops and the prepared input rows (S | T_f | T | S_f)."""
+    from daaa.data.transforms import prepare, train_crops
+
+    batch = daaa.sampler.batch(first)
+    images = daaa._images(batch)
+    crops = train_crops(images, cfg.data, cfg.runtime.seed, first)[batch.crop_partners()]
+    return batch, crops, prepare(images, cfg.data, train=True, crops=crops, channels_last=cfg.runtime.channels_last)
+
+
+def _interleaved(runs: dict, rounds: int, base: str) -> None:
+    """Times ``runs`` (name -> one call) in interleaved rounds of 5 calls after 5 of warm-up each; prints each one's
+    median ms per call and its median ratio to ``base`` (the machine drifts within minutes: only rounds compare)."""
+    import statistics
+
+    for fn in runs.values():
+        for _ in range(5):
+            fn()
+    ms: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            for _ in range(5):
+                fn()
+            ms[name].append((time.perf_counter() - t0) / 5 * 1000)
+    for name, v in ms.items():
+        ratio = statistics.median(a / b for a, b in zip(v, ms[base]))
+        print(f"{name}: {statistics.median(v):.1f} ms per step (median of {rounds}), {ratio:.3f}x {base}")
+
+
+def _alignment_step_parts():
+    """A DAAA step reduced to what Eq. 5 with crops adds to plain training, on the bench's first DAAA batch: the
+    target net (a copy of the bench's, Adam) on the 64 rows with cross-entropy, and the frozen source net's maps of
+    44 anchor rows to align them with (rows 0-43 of the batch, then 20 of them again: every row is paired)."""
+    import copy
+
+    from daaa.attention import attention_map, pair_distances
+
+    cfg, _, daaa, first = _trainers()
+    x = _first_batch(cfg, daaa, first)[2]
+    y = torch.randint(0, 10, (len(x),), generator=torch.Generator().manual_seed(0))
+    anchors, pair_of = x[:44].clone(), torch.cat([torch.arange(44), torch.arange(20)])
+    net, frozen = copy.deepcopy(daaa.net).train(), daaa.source_net.eval()
+    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+
+    def features(m: nn.Module, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        a = m.conv1(v)
+        b = m.conv2(m.act(m.pool(a)))
+        c = m.conv3(m.act(m.pool(b)))
+        return a, b, c, m.head(m.act(m.pool(c)).flatten(1))
+
+    @torch.no_grad()
+    def anchor_maps(v: torch.Tensor) -> list[torch.Tensor]:
+        return [attention_map(f) for f in features(frozen, v)[:3]]
+
+    def plain_loss(v: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(net(v), y, reduction="sum") / len(v)
+
+    def alignment_loss(outputs: tuple[torch.Tensor, ...], source_maps: list[torch.Tensor]) -> torch.Tensor:
+        target_maps = [attention_map(f) for f in outputs[:3]]
+        at = sum(pair_distances(s[pair_of], t).sum() for s, t in zip(source_maps, target_maps))
+        return (F.cross_entropy(outputs[3], y, reduction="sum") + at) / len(outputs[3])
+
+    def update(loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return x, anchors, features, net, anchor_maps, plain_loss, alignment_loss, update
+
+
+def compiled(rounds: int = 10) -> None:
+    """The plain step and the L_AT step of :func:`_alignment_step_parts`, eager and under ``torch.compile`` (inductor,
+    static shapes; compile time printed): would fusing the maps into the convolutions' neighbours shrink L_AT's cost?"""
+    x, anchors, features, net, anchor_maps, plain_loss, alignment_loss, update = _alignment_step_parts()
+
+    def at_loss(v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return alignment_loss(features(net, v), anchor_maps(a))
+
+    t0 = time.perf_counter()
+    plain_c, at_c = torch.compile(plain_loss, dynamic=False), torch.compile(at_loss, dynamic=False)
+    update(plain_c(x))
+    update(at_c(x, anchors))
+    print(f"compile time (both, first calls): {time.perf_counter() - t0:.1f} s")
+    _interleaved({"eager plain step": lambda: update(plain_loss(x)),
+                  "eager L_AT step": lambda: update(at_loss(x, anchors)),
+                  "compiled plain step": lambda: update(plain_c(x)),
+                  "compiled L_AT step": lambda: update(at_c(x, anchors))}, rounds, "eager plain step")
+
+
+def overlap(rounds: int = 10) -> None:
+    """The L_AT step of :func:`_alignment_step_parts` with the frozen forward on the anchors run in a second Python
+    thread (1 intra-op thread) while the target net's forward runs in the main thread at 1 or 2 intra-op threads,
+    against the same step in sequence (2 threads): do the two cores do more in parallel than within each op?"""
+    pool = ThreadPoolExecutor(1, initializer=lambda: torch.set_num_threads(1))
+    pool.submit(lambda: None).result()
+    threads_before = torch.get_num_threads()
+
+    x, anchors, features, net, anchor_maps, plain_loss, alignment_loss, update = _alignment_step_parts()
+
+    def side_by_side(main_threads: int) -> None:
+        pending = pool.submit(anchor_maps, anchors)
+        torch.set_num_threads(main_threads)
+        outputs = features(net, x)
+        torch.set_num_threads(threads_before)
+        update(alignment_loss(outputs, pending.result()))
+
+    _interleaved({"plain step": lambda: update(plain_loss(x)),
+                  "L_AT step, in sequence": lambda: update(alignment_loss(features(net, x), anchor_maps(anchors))),
+                  "L_AT step, anchors beside (main 1 thread)": lambda: side_by_side(1),
+                  "L_AT step, anchors beside (main 2 threads)": lambda: side_by_side(threads_before)},
+                 rounds, "plain step")
+    with torch.no_grad():
+        for n in (threads_before, 1):
+            torch.set_num_threads(n)
+            _time(lambda: features(net, x), f"{n} thread(s): the target net's forward on the 64 rows", 30, ms=True)
+            _time(lambda: anchor_maps(anchors), f"{n} thread(s): the anchors' frozen forward and maps", 30, ms=True)
+    torch.set_num_threads(threads_before)
+
+
 def profile() -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -138,16 +260,10 @@ def floor(rounds: int = 15) -> None:
     that forward on one DAAA batch's anchors (their maps included), the same again with L_AT against those anchors
     added to its loss (the target maps of its 64 rows, forward and backward), and the DAAA step, in interleaved
     rounds of 5 steps; prints the medians and the median ratios to the source-only step."""
-    import statistics
-
     from daaa.attention import FeatureRecorder
-    from daaa.data.transforms import prepare, train_crops
 
     cfg, source_only, daaa, first = _trainers()
-    batch = daaa.sampler.batch(first)
-    images = daaa._images(batch)
-    crops = train_crops(images, cfg.data, cfg.runtime.seed, first)[batch.crop_partners()]
-    x = prepare(images, cfg.data, train=True, crops=crops, channels_last=cfg.runtime.channels_last)
+    batch, crops, x = _first_batch(cfg, daaa, first)
     rows, src_idx, sf_idx = batch.anchor_rows(cfg.adapt.target_anchors)
     step = {"source_only": 10, "daaa": first + 10}
 
@@ -180,17 +296,7 @@ def floor(rounds: int = 15) -> None:
 
     runs = {"source-only step": plain, "+ the anchors' frozen forward": plus_anchors,
             "+ L_AT against them (target maps, forward and backward)": plus_alignment, "DAAA step": full}
-    ms: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            for _ in range(5):
-                fn()
-            ms[name].append((time.perf_counter() - t0) / 5 * 1000)
-    base = ms["source-only step"]
-    for name, v in ms.items():
-        ratio = statistics.median(a / b for a, b in zip(v, base))
-        print(f"{name}: {statistics.median(v):.1f} ms per step (median of {rounds}), {ratio:.3f}x the source-only step")
+    _interleaved(runs, rounds, "source-only step")
 
 
 def int8(rounds: int = 3) -> None:
@@ -203,13 +309,9 @@ def int8(rounds: int = 3) -> None:
     import torch.ao.quantization as tq
 
     from daaa.attention import attention_map
-    from daaa.data.transforms import prepare, train_crops
 
     cfg, _, daaa, first = _trainers()
-    batch = daaa.sampler.batch(first)
-    images = daaa._images(batch)
-    crops = train_crops(images, cfg.data, cfg.runtime.seed, first)[batch.crop_partners()]
-    x = prepare(images, cfg.data, train=True, crops=crops, channels_last=cfg.runtime.channels_last)[:44]
+    x = _first_batch(cfg, daaa, first)[2][:44]
     net = daaa.source_net.eval()
 
     def maps_to_conv3(m: nn.Module, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -246,4 +348,4 @@ def int8(rounds: int = 3) -> None:
 if __name__ == "__main__":
     mode, args = sys.argv[1], [int(a) for a in sys.argv[2:]]
     {"threads": threads, "sharded": sharded, "groupnorm": groupnorm, "profile": profile, "floor": floor,
-     "int8": int8}[mode](*args)
+     "int8": int8, "compile": compiled, "overlap": overlap}[mode](*args)

@@ -85,6 +85,9 @@ class OptimConfig:
     lr_gamma: float = 0.0003
     lr_decay: float = 0.75
     backbone_lr_mult: float = 1.0  # tllib fine-tunes a pretrained backbone at 0.1x the head's lr
+    # > 0: evaluate and ship an exponential moving average of the weights (timm's --model-ema-decay) instead of the
+    # last step's; training (and M_post, L_AT) still uses the trained weights. 0 = off, the paper's
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -432,6 +435,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"option data.load_size: {cfg.data.load_size} is smaller than data.image_size {cfg.data.image_size}")
     if a.beta < 0:
         raise ConfigError(f"option adapt.beta: {a.beta} must be >= 0")
+    for name, v in (("source.optim.ema_decay", cfg.source.optim.ema_decay), ("adapt.optim.ema_decay", a.optim.ema_decay)):
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"option {name}: {v} is not in [0, 1) (0 = no weight average)")
     for name, v in (("data.cache_bytes", cfg.data.cache_bytes), ("data.num_workers", cfg.data.num_workers)):
         if v < 0:
             raise ConfigError(f"option {name}: {v} must be >= 0")

@@ -200,7 +200,9 @@ def quality_key(cfg: Config, data: Any, round_trips: tuple[torch.Tensor | None, 
          if k not in ("data_root", "download", "cache_bytes", "num_workers")}  # not what the figures depend on
     legibility = {"synthetic_target": fingerprint(data.synthetic_target, data.source.labels),
                   "quality": dataclasses.asdict(cfg.cyclegan.quality), "model": dataclasses.asdict(cfg.model),
-                  "data": d, "optim": dataclasses.asdict(cfg.source.optim), "seed": cfg.runtime.seed}
+                  "data": d, "seed": cfg.runtime.seed,
+                  # the T_f fit uses the source optimiser but no weight average
+                  "optim": {k: v for k, v in dataclasses.asdict(cfg.source.optim).items() if k != "ema_decay"}}
     pairs = fingerprint(data.source.images, data.target.images, data.synthetic_source, *round_trips)
     return {"legibility": legibility, "pairs": pairs,
             "source_network": weights_fingerprint(source_net) if source_net is not None else None}

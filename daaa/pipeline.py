@@ -117,12 +117,20 @@ def _data_key(cfg: Config) -> dict[str, Any]:
     return d
 
 
+def _without_later_defaults(section: Any) -> Any:
+    """``section`` (nested dicts) without the options added after run folders were made, where they are off
+    (``optim.ema_decay`` = 0): those folders' stages stay valid."""
+    if not isinstance(section, dict):
+        return section
+    return {k: _without_later_defaults(v) for k, v in section.items() if not (k == "ema_decay" and v == 0)}
+
+
 def stage_key(cfg: Config, data: DomainData, probe: SelectionProbe | None, sections: dict[str, Any],
               inputs: list[Any]) -> dict[str, Any]:
     """What decides a stage's result: ``sections`` (config sections), the model, data and seed settings, the
     fingerprints of the ``inputs``, and the selection settings and held-out split when a probe is recorded."""
-    key = {**sections, "model": model_key(cfg.model), "data": _data_key(cfg), "seed": cfg.runtime.seed,
-           "inputs": list(inputs)}
+    key = {**_without_later_defaults(sections), "model": model_key(cfg.model), "data": _data_key(cfg),
+           "seed": cfg.runtime.seed, "inputs": list(inputs)}
     if probe is not None:  # the criteria are part of the result
         key["selection"] = _selection_key(cfg)
         key["inputs"].append(fingerprint(data.source_val.images))

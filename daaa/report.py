@@ -415,6 +415,13 @@ def _results_intro(res: dict[str, Any], label: dict[str, str]) -> list[str]:
               "ranks best (IWCV: importance-weighted source-validation risk, JAN's protocol; DEV: the same with a "
               "control variate; SND: soft neighbourhood density of target predictions; source-val acc.: held-out "
               "source accuracy).", ""]
+    averaged = [f"the {what} rows ship the moving average of their weights (`{key}` = {conf[name]})"
+                for what, key, name in (("adapt-budget", "adapt.optim.ema_decay", "adapt_ema_decay"),
+                                        ("source-budget (S, T_f)", "source.optim.ema_decay", "source_ema_decay"))
+                if conf.get(name)]
+    if averaged:  # then "final" and every evaluation read the average, not the last step's weights
+        lines += ["Weights: " + "; ".join(averaged) + " -- evaluated and selected as such, not the last step's "
+                  "weights (not in the paper).", ""]
     return lines + ([res["note"], ""] if res.get("note") else [])
 
 

@@ -691,7 +691,8 @@ def build_results(exp: Experiment, rows: Sequence[Row], tasks: Sequence[str], se
         "seconds": {"wall": wall, "compute": sum(state["compute"].values()), "per_task": dict(state["compute"])},
         "config": {"source_val_fraction": cfg.data.source_val_fraction, "adapt_steps": cfg.adapt.steps,
                    "source_steps": cfg.source.steps, "cyclegan_steps": cfg.cyclegan.steps,
-                   "batch_size": cfg.adapt.batch_size, "model": cfg.model.arch},
+                   "batch_size": cfg.adapt.batch_size, "model": cfg.model.arch,
+                   "adapt_ema_decay": cfg.adapt.optim.ema_decay, "source_ema_decay": cfg.source.optim.ema_decay},
         "started": started, "finished": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "versions": {"daaa": __version__, "torch": torch.__version__}, "out": str(out_dir), "runs": str(runs_dir),
     }

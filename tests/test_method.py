@@ -393,3 +393,67 @@ def test_a_beta_0_row_logs_L_AT_every_nth_step_and_trains_alike(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(weights[1], weights[3]))
     with pytest.raises(ConfigError, match="adapt.attention_log_interval"):
         load_config("smoke", ["adapt.attention_log_interval=0"])
+
+
+def test_weight_average_is_an_exponential_moving_average_of_the_updates():
+    from daaa.optim import weight_average
+
+    net = nn.Linear(3, 2)
+    assert weight_average(net, 0.0) is None
+    average = weight_average(net, 0.75)
+    seen = []
+    for value in (1.0, 2.0, 4.0):
+        with torch.no_grad():
+            net.weight.fill_(value)
+        average.update_parameters(net)
+        seen.append(float(average.module.weight[0, 0].detach()))
+    assert seen == pytest.approx([1.0, 0.75 * 1 + 0.25 * 2, 0.75 * 1.25 + 0.25 * 4])  # the first update copies
+
+
+def test_a_weight_averaged_run_evaluates_and_ships_the_average_and_resumes_alike(tmp_path):
+    """optim.ema_decay > 0: the evaluations read the average (the trained weights' accuracy beside it), the
+    finished network holds the average, the checkpoint keeps both, and a run extended from its checkpoint ends on
+    the same average as one run straight through; at 0 the stage keys of earlier run folders do not change."""
+    from daaa import bench
+    from daaa.config import load_config
+    from daaa.distributed import Context
+    from daaa.pipeline import source_key
+    from daaa.runs import Stage
+    from daaa.trainers.adapt import DAAATrainer
+
+    ctx = Context(0, 1, torch.device("cpu"), None, False)
+    cfg = load_config("smoke", ["adapt.optim.ema_decay=0.8"])
+    data = bench.synthetic_data(cfg)
+
+    def fit(name: str, steps: int):
+        spec = dataclasses.replace(cfg.adapt, steps=steps)
+        torch.manual_seed(0)
+        source = DigitCNN(width=8)
+        net = copy.deepcopy(source)
+        trainer = DAAATrainer(spec, cfg.data, data, ctx, Stage(tmp_path, name, {}), net, source, progress=False)
+        return trainer, trainer.fit()
+
+    straight, result = fit("straight", 6)
+    evaluations = [r for r in straight.stage.load_checkpoint()["history"] if "target_test_accuracy" in r]
+    assert [r["step"] for r in evaluations] == [3, 6]
+    assert all("raw_target_test_accuracy" in r for r in evaluations)
+    state = straight.stage.load_checkpoint()["state"]
+    shipped = straight.net.state_dict()
+    assert all(torch.equal(shipped[k], v) for k, v in straight.average.module.state_dict().items())
+    assert not torch.equal(shipped["conv1.weight"], state["model"]["conv1.weight"])  # the trained weights differ
+    assert result["target_test_accuracy"] == evaluations[-1]["target_test_accuracy"]
+
+    fit("extended", 3)
+    extended, _ = fit("extended", 6)  # resumes from the 3-step checkpoint: weights and average
+    assert all(torch.equal(shipped[k], v) for k, v in extended.net.state_dict().items())
+
+    assert "ema_decay" not in json_of(source_key(load_config("smoke"), data, None))
+    assert "ema_decay" in json_of(source_key(load_config("smoke", ["source.optim.ema_decay=0.5"]), data, None))
+    with pytest.raises(ConfigError, match="adapt.optim.ema_decay"):
+        load_config("smoke", ["adapt.optim.ema_decay=1"])
+
+
+def json_of(value) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True)

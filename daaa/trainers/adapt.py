@@ -81,6 +81,7 @@ class DAAATrainer(Trainer):
                 self.source_net = self.source_net.to(memory_format=torch.channels_last)
             if spec.cache_source_attention and not data_cfg.augment:
                 self.source_maps = self._source_map_cache()
+        self.init_average()
 
     # ------------------------------------------------------------------ inputs
     def _check_inputs(self, source_net: nn.Module | None) -> None:
@@ -345,6 +346,7 @@ class DAAATrainer(Trainer):
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.update_average()
         n = self.sampler.counts
         n_lab, n_unlab = n["S"] + n["Tf"], n["T"] + n["Sf"]
         return {"loss": (ce + em + spec.beta * at) / self.global_batch,

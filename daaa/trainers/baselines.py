@@ -124,6 +124,7 @@ class BaselineTrainer(Trainer):
                                          "S+T", seed, ctx.rank, ctx.world_size)
         # streamed data sets: the coming steps' rows are decoded ahead by DataLoader workers, as in DAAATrainer
         self.sampler = prefetching(self.sampler, data, self.spec.steps, cfg.data.num_workers, None)
+        self.init_average()
 
     def step(self, step: int) -> dict[str, Any]:
         ctx, spec, b = self.ctx, self.spec, self.bcfg
@@ -158,6 +159,7 @@ class BaselineTrainer(Trainer):
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.update_average()
         out = {"loss": float(sums[0] + b.tradeoff * sums[1]), "L_CE": float(sums[0]), "L_transfer": float(sums[1]),
                "lr": lr}
         if self.method == "dann":
