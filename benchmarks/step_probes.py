@@ -214,31 +214,40 @@ def compiled(rounds: int = 10) -> None:
 def overlap(rounds: int = 10) -> None:
     """The L_AT step of :func:`_alignment_step_parts` with the frozen forward on the anchors run in a second Python
     thread (1 intra-op thread) while the target net's forward runs in the main thread at 1 or 2 intra-op threads,
-    against the same step in sequence (2 threads): do the two cores do more in parallel than within each op?"""
-    pool = ThreadPoolExecutor(1, initializer=lambda: torch.set_num_threads(1))
-    pool.submit(lambda: None).result()
-    threads_before = torch.get_num_threads()
-
+    against the same step in sequence (2 threads): do the two cores do more in parallel than within each op?
+    Each thread sets its own intra-op thread count before its work (torch's setting is per thread, but a thread's
+    first torch call can inherit another's), and the counts are printed from inside the work."""
+    threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(1)
     x, anchors, features, net, anchor_maps, plain_loss, alignment_loss, update = _alignment_step_parts()
 
+    def in_worker(v: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+        torch.set_num_threads(1)
+        return anchor_maps(v), torch.get_num_threads()
+
+    seen: dict[str, int] = {}
+
     def side_by_side(main_threads: int) -> None:
-        pending = pool.submit(anchor_maps, anchors)
+        pending = pool.submit(in_worker, anchors)
         torch.set_num_threads(main_threads)
+        seen[f"main thread (asked {main_threads})"] = torch.get_num_threads()
         outputs = features(net, x)
-        torch.set_num_threads(threads_before)
-        update(alignment_loss(outputs, pending.result()))
+        torch.set_num_threads(threads)
+        maps, seen["worker"] = pending.result()
+        update(alignment_loss(outputs, maps))
 
     _interleaved({"plain step": lambda: update(plain_loss(x)),
                   "L_AT step, in sequence": lambda: update(alignment_loss(features(net, x), anchor_maps(anchors))),
                   "L_AT step, anchors beside (main 1 thread)": lambda: side_by_side(1),
-                  "L_AT step, anchors beside (main 2 threads)": lambda: side_by_side(threads_before)},
+                  f"L_AT step, anchors beside (main {threads} threads)": lambda: side_by_side(threads)},
                  rounds, "plain step")
+    print("intra-op threads seen inside the work:", seen)
     with torch.no_grad():
-        for n in (threads_before, 1):
+        for n in (threads, 1):
             torch.set_num_threads(n)
             _time(lambda: features(net, x), f"{n} thread(s): the target net's forward on the 64 rows", 30, ms=True)
             _time(lambda: anchor_maps(anchors), f"{n} thread(s): the anchors' frozen forward and maps", 30, ms=True)
-    torch.set_num_threads(threads_before)
+    torch.set_num_threads(threads)
 
 
 def profile() -> None:

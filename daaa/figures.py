@@ -226,7 +226,8 @@ def sync_steps(history: list[dict]) -> list[int]:
 def plot_training_analysis(histories: dict[str, list[dict]], path: str | Path,
                            references: dict[str, float] | None = None, title: str | None = None) -> Path:
     """The paper's Fig. 4. Left: L_AT over training for each history (e.g. ``"ours"`` and ``"ours-without-L_AT"``:
-    L_AT is logged at beta = 0 too); right: target-test accuracy at the evaluation steps. The x axis is the training
+    L_AT is logged at beta = 0 too); right: target-test accuracy at the evaluation steps (with ``optim.ema_decay``:
+    the weight average's, and dashed the trained weights' ``raw_target_test_accuracy``). The x axis is the training
     step; dotted vertical lines mark the M_post syncs (the paper's x axis counts M_post updates).
     ``references`` adds horizontal lines to the right panel (e.g. ``{"source only": 0.62}``).
     """
@@ -244,8 +245,13 @@ def plot_training_analysis(histories: dict[str, list[dict]], path: str | Path,
                 left.plot(steps, vals, color=c, alpha=0.25, linewidth=0.7)
             left.plot(steps, _moving_average(vals, window), color=c, label=name)
         acc = [(h["step"], h["target_test_accuracy"] * 100) for h in hist if "target_test_accuracy" in h]
-        if acc:
-            right.plot([a[0] for a in acc], [a[1] for a in acc], marker="o", markersize=3, color=c, label=name)
+        raw = [(h["step"], h["raw_target_test_accuracy"] * 100) for h in hist if "raw_target_test_accuracy" in h]
+        if acc:  # with optim.ema_decay: the weight average (shipped), and thin the last step's weights
+            right.plot([a[0] for a in acc], [a[1] for a in acc], marker="o", markersize=3, color=c,
+                       label=f"{name} (weight average)" if raw else name)
+        if raw:
+            right.plot([a[0] for a in raw], [a[1] for a in raw], color=c, alpha=0.45, linewidth=0.8, linestyle="--",
+                       label=f"{name} (last step's weights)")
     for ax in (left, right):
         syncs = sync_steps(next(iter(histories.values()), []))
         for i, s in enumerate(syncs):
