@@ -125,7 +125,7 @@ class Trainer:
     def _load_full_state(self, state: dict) -> None:
         self.selected = state.get("selected")
         self.load_state(state)
-        if self.average is not None:
+        if self.average is not None and "average" in state:  # else it starts again from the resumed weights
             self.average.load_state_dict(state["average"])
 
     def fit(self) -> dict[str, Any]:
