@@ -243,6 +243,11 @@ def test_results_tables_averages_and_sweep_choice(tmp_path: Path) -> None:
     table = list(csv.DictReader(format_csv(res).splitlines()))
     assert len(table) == len(rows) * 3 * 4  # rows x (2 tasks + average) x (final, oracle, 2 criteria)
     assert {r["paper"] for r in table if r["row"] == "disc-jmmd" and r["task"] == "A-W"} == {"0.859"}
+    assert "moving average" not in md  # office31 ships the last step's weights
+    averaged = build_results(exp, rows, tasks, seeds, state, load_config("digits-cpu"), {}, [], 1.0, "now", tmp_path,
+                             tmp_path, True)
+    assert "the adapt-budget rows ship the moving average of their weights (`adapt.optim.ema_decay` = 0.995)" \
+        in format_markdown(averaged)
 
     # figA1: the criterion picks the beta whose final model it ranks best
     rows, sweeps = sweep_rows(cfg, ["D-A"], [], [0.0, 1.0, 3.0])
