@@ -151,6 +151,13 @@ def _interleaved(runs: dict, rounds: int, base: str) -> None:
         print(f"{name}: {statistics.median(v):.1f} ms per step (median of {rounds}), {ratio:.3f}x {base}")
 
 
+def _conv_features(m: nn.Module, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The digit CNN's three aligned conv outputs (its ``features`` up to conv3, as the hooks record them)."""
+    a = m.conv1(v)
+    b = m.conv2(m.act(m.pool(a)))
+    return a, b, m.conv3(m.act(m.pool(b)))
+
+
 def _alignment_step_parts():
     """A DAAA step reduced to what Eq. 5 with crops adds to plain training, on the bench's first DAAA batch: the
     target net (a copy of the bench's, Adam) on the 64 rows with cross-entropy, and the frozen source net's maps of
@@ -167,9 +174,7 @@ def _alignment_step_parts():
     optimizer = torch.optim.Adam(net.parameters(), 1e-3)
 
     def features(m: nn.Module, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        a = m.conv1(v)
-        b = m.conv2(m.act(m.pool(a)))
-        c = m.conv3(m.act(m.pool(b)))
+        a, b, c = _conv_features(m, v)
         return a, b, c, m.head(m.act(m.pool(c)).flatten(1))
 
     @torch.no_grad()
@@ -323,18 +328,13 @@ def int8(rounds: int = 3) -> None:
     x = _first_batch(cfg, daaa, first)[2][:44]
     net = daaa.source_net.eval()
 
-    def maps_to_conv3(m: nn.Module, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        a = m.conv1(v)
-        b = m.conv2(m.act(m.pool(a)))
-        return a, b, m.conv3(m.act(m.pool(b)))
-
     class Quantized(nn.Module):
         def __init__(self, m: nn.Module):
             super().__init__()
             self.quant, self.m, self.dequant = tq.QuantStub(), m, tq.DeQuantStub()
 
         def forward(self, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return tuple(self.dequant(f) for f in maps_to_conv3(self.m, self.quant(v)))
+            return tuple(self.dequant(f) for f in _conv_features(self.m, self.quant(v)))
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
@@ -344,7 +344,7 @@ def int8(rounds: int = 3) -> None:
         with torch.no_grad():
             q(x.contiguous())
         tq.convert(q, inplace=True)
-    runs = {"fp32 (trainer's layout)": lambda: maps_to_conv3(net, x), "int8": lambda: q(x.contiguous())}
+    runs = {"fp32 (trainer's layout)": lambda: _conv_features(net, x), "int8": lambda: q(x.contiguous())}
     with torch.no_grad():
         for r in range(rounds):
             for name, fn in runs.items():
