@@ -9,7 +9,7 @@ teach (BENCHMARKS.md).
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import yaml
 
@@ -36,4 +36,6 @@ def main(runs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders of `daaa demo` / `daaa run` on the demo pair")
+    main(parser.parse_args().runs)

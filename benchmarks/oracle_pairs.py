@@ -15,8 +15,8 @@ the small CPU CycleGAN costs from what the trainer (Eq. 12) does.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,4 +50,7 @@ def main(work: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/oracle-pairs"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("work", nargs="?", default="runs/oracle-pairs",
+                        help="folder for synthetic_target/ and synthetic_source/ (default: runs/oracle-pairs)")
+    main(Path(parser.parse_args().work))

@@ -11,7 +11,7 @@ demo pair, not a method.
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import torch
 import torch.nn.functional as F
@@ -51,4 +51,8 @@ def main(judge_run: str, runs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("judge_run", help="a finished demo run whose adapted network reads the T_f images")
+    parser.add_argument("runs", nargs="*", metavar="RUN", help="runs whose translate/translated.pt T_f is judged")
+    args = parser.parse_args()
+    main(args.judge_run, args.runs)

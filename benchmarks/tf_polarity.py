@@ -9,7 +9,7 @@ teach it (see BENCHMARKS.md). The stroke is where the source digit is >= 128; lu
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import numpy as np
 import torch
@@ -62,4 +62,8 @@ def main(args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="*", metavar="RUN", help="runs whose translate/translated.pt T_f is measured")
+    parser.add_argument("--ground-truth", action="store_true", help="the ideal T_f (Ganin's blend) instead")
+    args = parser.parse_args()
+    main(["--ground-truth"] if args.ground_truth else args.runs)

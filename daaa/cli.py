@@ -1,4 +1,5 @@
-"""The `daaa` command line. Every command takes --preset NAME and --set key=value overrides of the typed config.
+"""The `daaa` command line. The commands that train or measure take --preset NAME and --set key=value overrides of the
+typed config; those that read a run folder (evaluate, predict, export, report) use the config it holds.
 
 Errors in input (paths, data, options) end with exit status 2 and one line on stderr; --debug shows the traceback.
 """
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import shlex
@@ -210,6 +210,10 @@ def _start(args: argparse.Namespace, cfg) -> tuple[Path, Any]:
     if ctx.is_main:
         LOG.info("daaa %s: %s in %s (preset %s, seed %d, %s, world size %d)", __version__, args.command, run_dir,
                  cfg.preset, cfg.runtime.seed, ctx.device, ctx.world_size)
+        named = any(a.split("=")[0] == "--preset" for a in getattr(args, "argv", []))
+        if ctx.device.type == "cpu" and not named and cfg.preset == "digits":
+            LOG.warning("no --preset: the digits preset's budgets are GPU-sized (hours on a CPU); "
+                        "--preset digits-cpu is sized for a CPU")
     return run_dir, ctx
 
 
@@ -252,6 +256,8 @@ def cmd_train_source(args: argparse.Namespace) -> int:
     if runner.ctx.is_main and "target_test_accuracy" in result:
         print(f"source-only target-test accuracy: {result['target_test_accuracy'] * 100:.2f}%  "
               f"(run folder: {runner.run_dir})")
+    elif runner.ctx.is_main:
+        print(f"source network trained: {runner.run_dir / 'source' / 'model.pt'} (no --target-test: no accuracy)")
     return 0
 
 
@@ -328,9 +334,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .runs import setup_logging
 
     setup_logging(None, verbose=not args.quiet)
+    from .predict import model_path
+
     rows = predict(args.run, args.images, args.stage, args.top_k, args.out, args.batch_size, args.device,
                    progress=not args.quiet)
-    print(f"{len(rows)} predictions of {args.run}/{args.stage} written to {args.out}")
+    print(f"{len(rows)} predictions of {model_path(args.run, args.stage)} written to {args.out}")
     return 0
 
 
@@ -339,8 +347,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .runs import setup_logging
 
     setup_logging(None, verbose=not args.quiet)
+    from .predict import model_path
+
     worst = export_run(args.run, args.format, args.out, args.stage)
-    print(f"{args.format} model of {args.run}/{args.stage} written to {args.out}: uint8 (N, C, H, W) images in, "
+    print(f"{args.format} model of {model_path(args.run, args.stage)} written to {args.out}: uint8 (N, C, H, W) images in, "
           f"class probabilities out; largest difference from PyTorch on the check images {worst:.1e}")
     return 0
 
@@ -359,6 +369,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         from .config import DataConfig
         from .data.demo import demo_pair, export_domain
 
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise DaaaError(f"--out {args.out}: is a file, not a folder")
         parts = demo_pair(DataConfig())
         for name, dom in (("source", parts["source"]), ("target", parts["target"]), ("target_test", parts["target_test"])):
             export_domain(dom, Path(args.out) / name)
@@ -527,6 +539,10 @@ def _run_command(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:
+        # stdout went to a pipe whose reader stopped (`daaa evaluate ... | head`): quiet, as other tools are
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except Interrupted as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"daaa: {e.message}", file=sys.stderr)

@@ -8,6 +8,8 @@ checked against the field's type. Unknown keys and ill-typed values raise :class
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -294,6 +296,8 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"option {key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # nan passes every "< 0" check below and would train silently on
+            raise ConfigError(f"option {key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if value is None:
@@ -337,11 +341,18 @@ def _load_preset_dict(name: str, seen: tuple[str, ...] = ()) -> list[dict[str, A
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"preset file {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"preset file {path}: invalid YAML ({where}{what})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset file {path}: expected a mapping at the top level")
     base = data.pop("base", None)
     if base is None:
+        if path.parent.resolve() != PRESET_DIR.resolve():  # a user's file: the defaults are GPU-sized budgets
+            logging.getLogger("daaa").warning(
+                "preset file %s has no 'base:' (e.g. base: digits-cpu): its options apply to the built-in defaults "
+                "(GPU-sized budgets)", path)
         return [data]
     if base in seen:
         raise ConfigError(f"preset file {path}: circular base {base!r}")
@@ -403,6 +414,39 @@ def check_model(m: ModelConfig) -> None:
         raise ConfigError("option model.aligned_layers: an empty list (give module names, or all-but-stem)")
 
 
+def check_numbers(cfg: Config) -> None:
+    """Raise ConfigError for a number outside the range its option admits (learning rates, weights, widths, the
+    normalisation), before it reaches a torch constructor's traceback or trains silently wrong."""
+    c, d = cfg.cyclegan, cfg.data
+    rules: list[tuple[str, float, str]] = [("model.width", cfg.model.width, ">0"), ("cyclegan.lr", c.lr, ">0"),
+                                           ("cyclegan.beta1", c.beta1, "[0,1)"),
+                                           ("cyclegan.lambda_cycle", c.lambda_cycle, ">=0"),
+                                           ("cyclegan.lambda_identity", c.lambda_identity, ">=0"),
+                                           ("cyclegan.ngf", c.ngf, ">0"), ("cyclegan.ndf", c.ndf, ">0"),
+                                           ("cyclegan.n_blocks", c.n_blocks, ">=0"),
+                                           ("cyclegan.n_layers_d", c.n_layers_d, ">0"),
+                                           ("cyclegan.pool_size", c.pool_size, ">=0"),
+                                           ("cyclegan.decay_start", c.decay_start, ">=0"),
+                                           ("cyclegan.translate_batch_size", c.translate_batch_size, ">0"),
+                                           ("cyclegan.image_size", c.image_size, ">0")]
+    for stage in ("source", "adapt"):
+        o = getattr(cfg, stage).optim
+        rules += [(f"{stage}.optim.lr", o.lr, ">0"), (f"{stage}.optim.momentum", o.momentum, "[0,1)"),
+                  (f"{stage}.optim.weight_decay", o.weight_decay, ">=0"), (f"{stage}.optim.lr_gamma", o.lr_gamma, ">=0"),
+                  (f"{stage}.optim.lr_decay", o.lr_decay, ">=0"),
+                  (f"{stage}.optim.backbone_lr_mult", o.backbone_lr_mult, ">=0")]
+    rules += [(f"data.std[{i}]", v, ">0") for i, v in enumerate(d.std)]
+    holds = {">0": lambda v: v > 0, ">=0": lambda v: v >= 0, "[0,1)": lambda v: 0 <= v < 1}
+    said = {">0": "must be positive", ">=0": "must be >= 0", "[0,1)": "is not in [0, 1)"}
+    for name, v, rule in rules:
+        if not holds[rule](v):
+            raise ConfigError(f"option {name}: {v} {said[rule]}")
+    for name, values in (("data.mean", d.mean), ("data.std", d.std)):
+        if len(values) < d.channels:
+            raise ConfigError(f"option {name}: {values} has {len(values)} value(s) for data.channels = {d.channels} "
+                              "(one per channel)")
+
+
 def validate(cfg: Config) -> None:
     """Checks across fields that a type cannot express."""
     a = cfg.adapt
@@ -435,6 +479,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"option data.load_size: {cfg.data.load_size} is smaller than data.image_size {cfg.data.image_size}")
     if a.beta < 0:
         raise ConfigError(f"option adapt.beta: {a.beta} must be >= 0")
+    check_numbers(cfg)
     for name, v in (("source.optim.ema_decay", cfg.source.optim.ema_decay), ("adapt.optim.ema_decay", a.optim.ema_decay)):
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"option {name}: {v} is not in [0, 1) (0 = no weight average)")

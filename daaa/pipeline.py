@@ -73,6 +73,9 @@ def load_data(cfg: Config, source: str, target: str | None, target_test: str | N
         domains = {role: resolve_domain(spec, role, cfg.data) for role, spec in specs.items() if spec}
     if domains["source"].labels is None:
         raise DaaaError(f"--source {source}: the source domain needs labels (layout ROOT/<class>/<image>)")
+    if len(set(domains["source"].labels)) < 2:
+        raise DaaaError(f"--source {source}: every image has the same label; a classifier needs at least two classes "
+                        "(layout ROOT/<class>/<image>)")
     if "target_test" in domains:
         if domains["target_test"].labels is None:
             raise DaaaError(f"--target-test {target_test}: the target test set needs labels (layout ROOT/<class>/<image>)")

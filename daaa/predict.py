@@ -44,7 +44,9 @@ def model_path(run: str | Path, stage: str = "adapt") -> Path:
         return path
     path = run / stage / "model.pt"
     if not path.is_file():
-        raise DaaaError(f"--run {run}: {path} does not exist (is the {stage} stage finished?)")
+        finished = [s for s in ("adapt", "source") if (run / s / "model.pt").is_file()]
+        hint = f" This run has: {', '.join('--stage ' + s for s in finished)}" if finished else ""
+        raise DaaaError(f"--run {run}: {path} does not exist (is the {stage} stage finished?{hint})")
     return path
 
 
@@ -123,8 +125,9 @@ def predict(run: str | Path, images: str | Path, stage: str = "adapt", top_k: in
     decode is a one-line error naming it."""
     from .evaluate import predict as logits_of
 
-    if top_k < 1 or batch_size < 1:
-        raise DaaaError(f"--top-k {top_k} and --batch-size {batch_size} must be at least 1")
+    for option, value in (("--top-k", top_k), ("--batch-size", batch_size)):
+        if value < 1:
+            raise DaaaError(f"{option} {value}: must be at least 1")
     net, info = load_trained(run, stage)
     classes = info.get("classes") or [str(k) for k in range(info["num_classes"])]
     top_k = min(top_k, len(classes))

@@ -29,10 +29,10 @@ import torch
 from PIL import Image
 
 from daaa import cli
-from daaa.config import DataConfig
+from daaa.config import DataConfig, load_config
 from daaa.data import load_domain_tensors
 from daaa.distributed import Context
-from daaa.errors import DataError
+from daaa.errors import ConfigError, DataError
 from test_distributed import DEMO, DETERMINISTIC, _daaa as daaa, _finish as finish, _start as start_daaa
 
 SMOKE = ["--preset", "smoke", "--quiet", "--set", "runtime.num_threads=1"]
@@ -139,6 +139,15 @@ def test_other_sizes_and_channels_are_converted(tmp_path: Path) -> None:
     ("adapt.beta=-1", "option adapt.beta"),
     ("source.steps=many", "option source.steps"),
     ("cyclegan.style_grid=99", "option cyclegan.style_grid"),
+    # caught before torch's constructors raise a traceback, or nan trains on silently (nan < 0 is False)
+    ("source.optim.lr=-1", "option source.optim.lr: -1.0 must be positive"),
+    ("adapt.beta=nan", "option adapt.beta: expected a finite number"),
+    ("adapt.beta=.inf", "option adapt.beta: expected a finite number"),
+    ("source.optim.weight_decay=-1", "option source.optim.weight_decay"),
+    ("cyclegan.lr=-1", "option cyclegan.lr"),
+    ("data.mean=[0.5]", "option data.mean: [0.5] has 1 value(s) for data.channels = 3"),
+    ("data.std=[0,0,0]", "option data.std[0]: 0.0 must be positive"),
+    ("model.width=0", "option model.width"),
 ])
 def test_invalid_config(tmp_path: Path, capsys, override: str, needle: str) -> None:
     line = _fail(capsys, ["train-source", "--source", "demo", "--out", str(tmp_path / "run"), *SMOKE,
@@ -693,6 +702,42 @@ def test_malformed_yaml_preset(tmp_path: Path, capsys) -> None:
     line = _fail(capsys, ["train-source", "--source", "demo", "--out", str(tmp_path / "run"), "--preset", str(preset)])
     assert f"preset file {preset}: invalid YAML" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("base: smoke\nsource:\n  steps: [1\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML \(line 4, column 1: "):
+        load_config(str(preset))
+
+
+def test_preset_file_without_base_warns(tmp_path: Path, caplog) -> None:
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("source: {steps: 2}\n")
+    with caplog.at_level("WARNING", logger="daaa"):
+        cfg = load_config(str(preset))
+    assert cfg.source.steps == 2 and "has no 'base:'" in caplog.text
+    caplog.clear()
+    preset.write_text("base: smoke\nsource: {steps: 2}\n")
+    with caplog.at_level("WARNING", logger="daaa"):
+        load_config(str(preset))
+    assert "base" not in caplog.text
+
+
+def test_one_class_source_is_refused(tmp_path: Path, capsys) -> None:
+    src = _labelled(tmp_path / "src", classes=("only",))
+    line = _fail(capsys, ["train-source", "--source", str(src), "--out", str(tmp_path / "run"), *SMOKE])
+    assert f"--source {src}: every image has the same label" in line
+
+
+def test_output_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    # `daaa evaluate ... | head -1`: the reader has gone when daaa prints; no "daaa: error: BrokenPipeError"
+    proc = subprocess.Popen([sys.executable, "-m", "daaa", "data", "export-demo", "--out", str(tmp_path / "demo")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGPIPE, err
+    assert "rror" not in err, err
 
 
 def test_report_out_must_be_markdown_or_html(tmp_path: Path, capsys) -> None:

@@ -169,8 +169,18 @@ def test_predict_writes_one_row_per_image_with_class_names(run, data, tmp_path, 
 def test_predict_bad_input_is_one_line(run, tmp_path, capsys):
     assert "--images" in _fail(capsys, ["predict", "--run", str(run), "--images", str(tmp_path / "nope"),
                                         "--out", str(tmp_path / "p.csv")])
-    assert "is the rows/x stage finished" in _fail(capsys, ["predict", "--run", str(run), "--stage", "rows/x",
-                                                           "--images", str(tmp_path), "--out", str(tmp_path / "p.csv")])
+    line = _fail(capsys, ["predict", "--run", str(run), "--stage", "rows/x", "--images", str(tmp_path),
+                          "--out", str(tmp_path / "p.csv")])
+    assert "is the rows/x stage finished? This run has: --stage adapt, --stage source" in line
+    line = _fail(capsys, ["predict", "--run", str(run), "--images", str(tmp_path), "--top-k", "0",
+                          "--out", str(tmp_path / "p.csv")])
+    assert line.endswith("--top-k 0: must be at least 1")
+
+
+def test_predict_names_the_model_file_it_used(run, data, tmp_path, capsys):
+    out = _ok(capsys, ["predict", "--run", str(run), "--images", str(data["new"]), "--stage", "selected",
+                       "--out", str(tmp_path / "p.csv")])
+    assert f"of {run / 'adapt' / 'model-selected.pt'} written to" in out
 
 
 # ------------------------------------------------------------------------------------------ export
