@@ -330,12 +330,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import predict
+    from .predict import model_path, predict
     from .runs import setup_logging
 
     setup_logging(None, verbose=not args.quiet)
-    from .predict import model_path
-
     rows = predict(args.run, args.images, args.stage, args.top_k, args.out, args.batch_size, args.device,
                    progress=not args.quiet)
     print(f"{len(rows)} predictions of {model_path(args.run, args.stage)} written to {args.out}")
@@ -344,14 +342,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run
+    from .predict import model_path
     from .runs import setup_logging
 
     setup_logging(None, verbose=not args.quiet)
-    from .predict import model_path
-
     worst = export_run(args.run, args.format, args.out, args.stage)
-    print(f"{args.format} model of {model_path(args.run, args.stage)} written to {args.out}: uint8 (N, C, H, W) images in, "
-          f"class probabilities out; largest difference from PyTorch on the check images {worst:.1e}")
+    print(f"{args.format} model of {model_path(args.run, args.stage)} written to {args.out}: uint8 (N, C, H, W) "
+          f"images in, class probabilities out; largest difference from PyTorch on the check images {worst:.1e}")
     return 0
 
 

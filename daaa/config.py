@@ -432,7 +432,8 @@ def check_numbers(cfg: Config) -> None:
     for stage in ("source", "adapt"):
         o = getattr(cfg, stage).optim
         rules += [(f"{stage}.optim.lr", o.lr, ">0"), (f"{stage}.optim.momentum", o.momentum, "[0,1)"),
-                  (f"{stage}.optim.weight_decay", o.weight_decay, ">=0"), (f"{stage}.optim.lr_gamma", o.lr_gamma, ">=0"),
+                  (f"{stage}.optim.weight_decay", o.weight_decay, ">=0"),
+                  (f"{stage}.optim.lr_gamma", o.lr_gamma, ">=0"),
                   (f"{stage}.optim.lr_decay", o.lr_decay, ">=0"),
                   (f"{stage}.optim.backbone_lr_mult", o.backbone_lr_mult, ">=0")]
     rules += [(f"data.std[{i}]", v, ">0") for i, v in enumerate(d.std)]
