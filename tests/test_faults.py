@@ -724,6 +724,15 @@ def test_preset_file_without_base_warns(tmp_path: Path, caplog) -> None:
     assert "base" not in caplog.text
 
 
+def test_no_preset_on_a_cpu_warns_that_digits_is_gpu_sized(tmp_path: Path, capsys) -> None:
+    tiny = ["--quiet", "--set", "source.steps=1", "--set", "source.batch_size=4", "--set", "data.demo_source=20"]
+    assert cli.main(["train-source", "--source", "demo", "--out", str(tmp_path / "a"), *tiny]) == 0
+    assert "no --preset: the digits preset's budgets are GPU-sized" in (tmp_path / "a" / "log.txt").read_text()
+    assert cli.main(["train-source", "--source", "demo", "--out", str(tmp_path / "b"), "--preset=digits", *tiny]) == 0
+    assert "no --preset" not in (tmp_path / "b" / "log.txt").read_text()
+    assert "no --target-test: no accuracy" in capsys.readouterr().out
+
+
 def test_one_class_source_is_refused(tmp_path: Path, capsys) -> None:
     src = _labelled(tmp_path / "src", classes=("only",))
     line = _fail(capsys, ["train-source", "--source", str(src), "--out", str(tmp_path / "run"), *SMOKE])
