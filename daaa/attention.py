@@ -32,6 +32,9 @@ def attention_map(features: torch.Tensor, kind: AttentionKind = "l2") -> torch.T
     flattened to (N, C*H*W). Computed in float32 whatever the autocast dtype: squares of bf16 activations lose
     the small values that the normalisation then amplifies.
     """
+    if features.dim() < 3:
+        raise ValueError(f"attention_map: expected features (N, C, ...) with spatial dimensions, got shape "
+                         f"{tuple(features.shape)}")
     f = features.float()
     if kind == "l2":
         if f.requires_grad:
@@ -104,6 +107,8 @@ class FeatureRecorder:
         self._slots: dict[str, torch.Tensor] = {}
         self.layers = [n for n, _ in taps]
         self._handles = [modules[n].register_forward_hook(self._hook(n, fn)) for n, fn in taps]
+        # each forward of the model starts empty: a layer it skipped is not read from an earlier forward
+        self._handles.append(model.register_forward_pre_hook(lambda _m, _i: self._slots.clear()))
 
     def _hook(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor] | None):
         def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
@@ -112,6 +117,9 @@ class FeatureRecorder:
 
     @property
     def features(self) -> list[torch.Tensor]:
+        missing = [n for n in self.layers if n not in self._slots]
+        if missing:
+            raise RuntimeError(f"FeatureRecorder: layer(s) {missing} produced no output in the model's last forward")
         return [self._slots[n] for n in self.layers]
 
     def clear(self) -> None:
@@ -165,6 +173,11 @@ class AttentionAlignmentLoss(nn.Module):
     def __init__(self, kind: AttentionKind = "l2", discrepancy: Discrepancy = "l2",
                  reduction: Literal["sum", "mean"] = "sum"):
         super().__init__()
+        for name, value, allowed in (("kind", kind, ("l2", "l1", "linf", "fm")),
+                                     ("discrepancy", discrepancy, ("l2", "l1", "mmd", "jmmd")),
+                                     ("reduction", reduction, ("sum", "mean"))):
+            if value not in allowed:
+                raise ValueError(f"AttentionAlignmentLoss: {name}={value!r} is not one of {', '.join(allowed)}")
         self.kind = kind
         self.discrepancy = discrepancy
         self.reduction = reduction
@@ -181,7 +194,16 @@ class AttentionAlignmentLoss(nn.Module):
     def from_maps(self, source_maps: Sequence[torch.Tensor], target_maps: Sequence[torch.Tensor],
                   weights: torch.Tensor | None = None) -> torch.Tensor:
         """L_AT from already normalised maps (e.g. the frozen source net's cached maps)."""
+        if not target_maps or len(source_maps) != len(target_maps):
+            raise ValueError(f"L_AT: {len(source_maps)} source and {len(target_maps)} target layers (one map per "
+                             "aligned layer on each side, at least one)")
+        for layer, (s, t) in enumerate(zip(source_maps, target_maps)):
+            if s.shape != t.shape:
+                raise ValueError(f"L_AT: layer {layer}: source maps {tuple(s.shape)} and target maps "
+                                 f"{tuple(t.shape)} differ (row k of one pairs with row k of the other)")
         n = target_maps[0].shape[0]
+        if weights is not None and weights.shape != (n,):
+            raise ValueError(f"L_AT: weights {tuple(weights.shape)}: expected one per pair, ({n},)")
         if self.discrepancy in ("l2", "l1"):
             per_pair = sum(pair_distances(s, t, self.discrepancy) for s, t in zip(source_maps, target_maps))
             if weights is not None:

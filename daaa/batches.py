@@ -23,6 +23,10 @@ def stream_counts(batch_size: int, proportions: list[float], train_data: str) ->
     """Rows per stream in a global batch: proportions renormalised over the streams trained on, rounded so the
     counts add up to ``batch_size`` (largest remainder), with paired streams never outnumbering their partner."""
     active = set(train_data.split("+"))
+    unknown = active - set(STREAM_ORDER)
+    if unknown or len(proportions) != len(STREAM_ORDER) or min(proportions) < 0:
+        raise ValueError(f"train_data {train_data!r} and proportions {proportions}: expected streams joined by '+' "
+                         f"from {'/'.join(STREAM_ORDER)} and four non-negative proportions")
     weights = {s: (p if s in active else 0.0) for s, p in zip(STREAM_ORDER, proportions)}
     total = sum(weights.values())
     if total <= 0:
@@ -127,6 +131,8 @@ class MixedBatch:
         (the ``Tf+T`` rows of Table 2). ``"paired"`` is daaa's earlier reading, kept to measure the difference: only
         the leading T rows whose S_f is in the batch (:meth:`paired_target_rows`) take part.
         """
+        if target_anchors not in ("all", "paired"):
+            raise ValueError(f"target_anchors must be 'all' or 'paired', got {target_anchors!r}")
         sl = self.slices()
         n_t = len(self.target_idx) if target_anchors == "all" else self.paired_target_rows()
         t0 = sl["T"].start
@@ -145,6 +151,9 @@ class MixedBatchSampler:
 
     def __init__(self, n_source: int, n_target: int, batch_size: int, proportions: list[float], train_data: str,
                  seed: int, rank: int = 0, world_size: int = 1):
+        if n_source < 1 or n_target < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"MixedBatchSampler: n_source={n_source}, n_target={n_target} must be >= 1 and "
+                             f"0 <= rank={rank} < world_size={world_size}")
         self.counts = stream_counts(batch_size, proportions, train_data)
         self.rank, self.world_size = rank, world_size
         self.source = IndexStream(n_source, seed, 1)

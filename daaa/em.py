@@ -28,9 +28,20 @@ def em_loss(logits: torch.Tensor, posterior: torch.Tensor, keep: torch.Tensor | 
     """Eq. 11: cross-entropy of the network's prediction against the soft posterior p_post(z | x^T).
 
     ``logits`` (N, K) of real target images or of their synthetic source images, ``posterior`` (N, K) of the
-    real target images, ``keep`` (N,) bool from :func:`confidence_mask`. ``reduction="sum"`` is Eq. 11 literally.
+    real target images (a target: no gradient flows into it), ``keep`` (N,) bool from :func:`confidence_mask`.
+    ``reduction="sum"`` is Eq. 11 literally; ``"mean"`` divides by the rows kept (at least 1).
     """
-    per_sample = -(posterior * F.log_softmax(logits.float(), dim=1)).sum(dim=1)
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if posterior.shape != logits.shape or logits.dim() != 2:
+        raise ValueError(f"logits {tuple(logits.shape)} and posterior {tuple(posterior.shape)}: expected the same "
+                         "(N, K) shape")
+    if not posterior.is_floating_point():
+        raise ValueError(f"posterior: expected probabilities (a floating-point tensor), got {posterior.dtype}")
+    if keep is not None and (keep.dtype != torch.bool or keep.shape != logits.shape[:1]):
+        raise ValueError(f"keep: expected an (N,) = ({logits.shape[0]},) bool mask, got {keep.dtype} "
+                         f"{tuple(keep.shape)}")
+    per_sample = -(posterior.detach() * F.log_softmax(logits.float(), dim=1)).sum(dim=1)
     if keep is not None:
         per_sample = per_sample * keep.to(per_sample.dtype)
     if reduction == "sum":
@@ -46,6 +57,8 @@ def confidence_mask(posterior: torch.Tensor, threshold: float) -> torch.Tensor:
     from labelled data only (Supplementary Sec. 1); a float32 softmax may round to exactly 1.0, which must not
     sneak samples in.
     """
+    if not 0.0 <= threshold <= 1.0:  # also nan
+        raise ValueError(f"confidence threshold p_t must be in [0, 1], got {threshold}")
     if threshold >= 1.0:
         return torch.zeros(posterior.shape[0], dtype=torch.bool, device=posterior.device)
     return posterior.max(dim=1).values >= threshold
@@ -55,16 +68,27 @@ class PosteriorNetwork(nn.Module):
     """M_post: a frozen copy of the target network, re-synchronised every ``sync_interval`` (N) steps.
 
     Because M_post only changes at a sync, the trainer computes its posteriors of all real target images once per
-    sync (:meth:`posteriors`) and looks them up by index: nothing that cannot change is recomputed.
+    sync and looks them up by index: nothing that cannot change is recomputed. It stays in eval mode (batch norm
+    with its running statistics) whatever ``train()`` a parent module calls, and the copy carries none of the target
+    network's hooks (a :class:`daaa.attention.FeatureRecorder` on the target net keeps recording the target net only).
     """
 
     def __init__(self, target_net: nn.Module, sync_interval: int):
         super().__init__()
+        if sync_interval < 1:
+            raise ValueError(f"sync_interval N must be at least 1, got {sync_interval}")
         self.net = copy.deepcopy(target_net).eval()
+        for m in self.net.modules():  # deepcopy copies hooks: a recorder's would fill with M_post's features
+            for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks):
+                hooks.clear()
         self.net.requires_grad_(False)
         self.sync_interval = sync_interval
         self.last_sync_step = 0
         self.syncs = 0
+
+    def train(self, mode: bool = True) -> "PosteriorNetwork":
+        """M_post is always in eval mode (Eq. 8's posterior is a fixed function between syncs)."""
+        return super().train(False)
 
     def due(self, step: int) -> bool:
         """A sync happens at steps N, 2N, ... (theta^post_t = theta_{floor(t/N) N})."""

@@ -457,3 +457,60 @@ def json_of(value) -> str:
     import json
 
     return json.dumps(value, sort_keys=True)
+
+
+# ------------------------------------------------------------------ the pieces in someone else's loop: misuse is an error
+def test_posterior_network_carries_no_hooks_and_stays_in_eval_mode() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(5))
+    net(torch.randn(2, 3, 8, 8))
+    x_rows, x_other = torch.randn(4, 3, 8, 8), torch.randn(6, 3, 8, 8)
+    with FeatureRecorder(net, ["0"]) as rec:
+        posterior_net = PosteriorNetwork(net, 3)
+        net(x_rows)
+        posterior_net(x_other)  # M_post's forward must not overwrite the target net's recorded features
+        assert rec.features[0].shape[0] == 4
+    parent = nn.Module()
+    parent.posterior_net = posterior_net
+    parent.train()
+    assert not posterior_net.training and not posterior_net.net[1].training
+    with pytest.raises(ValueError, match="sync_interval"):
+        PosteriorNetwork(net, 0)
+
+
+def test_recorder_reads_only_the_last_forward() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    rec = FeatureRecorder(net, ["1"])
+    with pytest.raises(RuntimeError, match=r"\['1'\] produced no output"):
+        rec.features
+    net(torch.randn(2, 3, 8, 8))
+    assert rec.features[0].shape[0] == 2
+    rec.remove()
+
+
+def test_misuse_of_the_losses_is_an_error_not_a_number() -> None:
+    align = AttentionAlignmentLoss()
+    s = [torch.randn(4, 3, 6, 6), torch.randn(4, 5, 3, 3)]
+    with pytest.raises(ValueError, match="2 source and 1 target layers"):
+        align(s, s[:1])
+    with pytest.raises(ValueError, match="layer 0"):
+        align(s, [torch.randn(1, 3, 6, 6), s[1]])
+    with pytest.raises(ValueError, match="weights"):
+        align(s, s, weights=torch.ones(4, 1))
+    with pytest.raises(ValueError, match="discrepancy='L2'"):
+        AttentionAlignmentLoss(discrepancy="L2")
+    with pytest.raises(ValueError, match="spatial"):
+        attention_map(torch.randn(4, 10))
+    logits, posterior = torch.randn(5, 3), F.softmax(torch.randn(5, 3), 1)
+    for bad in (dict(posterior=posterior[:1]), dict(posterior=posterior.argmax(1, keepdim=True).expand(5, 3)),
+                dict(keep=posterior.max(1).values), dict(reduction="none")):
+        with pytest.raises(ValueError):
+            em_loss(**{"logits": logits, "posterior": posterior, **bad})
+    for threshold in (95.0, -0.1, math.nan):
+        with pytest.raises(ValueError, match="p_t"):
+            confidence_mask(posterior, threshold)
+    with pytest.raises(ValueError):
+        stream_counts(16, [0.5, -0.2, 0.5, 0.2], "S+Tf+T+Sf")
+    with pytest.raises(ValueError):
+        stream_counts(16, [0.35, 0.15, 0.35, 0.15], "S+X")
+    with pytest.raises(ValueError, match="rank"):
+        MixedBatchSampler(10, 10, 8, [0.35, 0.15, 0.35, 0.15], "S+Tf+T+Sf", 0, rank=3, world_size=2)
