@@ -392,6 +392,10 @@ class CycleGAN(nn.Module):
     # ---- translation ----------------------------------------------------------------------------------------
 
     def _translate(self, fn: Callable[[torch.Tensor], torch.Tensor], net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        f = 2 ** self.cfg.n_downsampling
+        if x.shape[-1] % f or x.shape[-2] % f:  # the transposed convs would return another size: no pair
+            raise ValueError(f"CycleGAN translation: images {tuple(x.shape[-2:])} must have sides divisible by {f} "
+                             f"(2 ** n_downsampling; resize them to cyclegan.image_size)")
         was_training = net.training
         net.eval()
         try:

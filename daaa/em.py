@@ -46,8 +46,8 @@ def em_loss(logits: torch.Tensor, posterior: torch.Tensor, keep: torch.Tensor | 
         per_sample = per_sample * keep.to(per_sample.dtype)
     if reduction == "sum":
         return per_sample.sum()
-    n = per_sample.new_tensor(float(per_sample.shape[0]) if keep is None else keep.sum().clamp_min(1).item())
-    return per_sample.sum() / n
+    n = per_sample.shape[0] if keep is None else int(keep.sum())
+    return per_sample.sum() / max(n, 1)  # an empty batch (or none kept) is 0, as L_AT's mean
 
 
 def confidence_mask(posterior: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -102,6 +102,8 @@ def test_training_lowers_cycle_loss():
     assert set(first) >= {"g_st", "g_ts", "cycle", "identity", "d_t", "d_s", "lr"}
     assert last["cycle"] < 0.7 * first["cycle"]
     assert model.translate_st(xs).shape == xs.shape
+    with pytest.raises(ValueError, match="divisible by"):  # 18 px would come back as 20 px: no longer a pair
+        model.translate_ts(torch.nn.functional.interpolate(xt, size=(18, 18)))
 
 
 def test_style_field_keeps_layout_drops_content():

@@ -505,6 +505,7 @@ def test_misuse_of_the_losses_is_an_error_not_a_number() -> None:
                 dict(keep=posterior.max(1).values), dict(reduction="none")):
         with pytest.raises(ValueError):
             em_loss(**{"logits": logits, "posterior": posterior, **bad})
+    assert em_loss(logits[:0], posterior[:0], reduction="mean") == 0  # as L_AT's mean over no pairs, not nan
     for threshold in (95.0, -0.1, math.nan):
         with pytest.raises(ValueError, match="p_t"):
             confidence_mask(posterior, threshold)
