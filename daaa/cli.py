@@ -25,7 +25,9 @@ LOG = logging.getLogger("daaa")
 
 
 def _common(p: argparse.ArgumentParser, preset: str = "digits") -> None:
-    p.add_argument("--preset", default=preset, help=f"configuration preset name or YAML file (default: {preset})")
+    # None when not given: `_start` warns when a CPU run falls back to the GPU-sized default
+    p.add_argument("--preset", help=f"configuration preset name or YAML file (default: {preset})")
+    p.set_defaults(default_preset=preset)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set adapt.beta=0.5 (repeatable)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -185,7 +187,7 @@ def _config(args: argparse.Namespace):
     from .config import load_config
     from .models import check_arch
 
-    cfg = load_config(args.preset, args.overrides)
+    cfg = load_config(args.preset or args.default_preset, args.overrides)
     check_arch(cfg.model.arch)  # an unknown network is refused before any data is read
     if getattr(args, "quiet", False):
         cfg.runtime.progress = False
@@ -210,8 +212,7 @@ def _start(args: argparse.Namespace, cfg) -> tuple[Path, Any]:
     if ctx.is_main:
         LOG.info("daaa %s: %s in %s (preset %s, seed %d, %s, world size %d)", __version__, args.command, run_dir,
                  cfg.preset, cfg.runtime.seed, ctx.device, ctx.world_size)
-        named = any(a.split("=")[0] == "--preset" for a in getattr(args, "argv", []))
-        if ctx.device.type == "cpu" and not named and cfg.preset == "digits":
+        if ctx.device.type == "cpu" and getattr(args, "preset", None) is None and cfg.preset == "digits":
             LOG.warning("no --preset: the digits preset's budgets are GPU-sized (hours on a CPU); "
                         "--preset digits-cpu is sized for a CPU")
     return run_dir, ctx

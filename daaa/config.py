@@ -415,20 +415,25 @@ def check_model(m: ModelConfig) -> None:
 
 
 def check_numbers(cfg: Config) -> None:
-    """Raise ConfigError for a number outside the range its option admits (learning rates, weights, widths, the
-    normalisation), before it reaches a torch constructor's traceback or trains silently wrong."""
-    c, d = cfg.cyclegan, cfg.data
-    rules: list[tuple[str, float, str]] = [("model.width", cfg.model.width, ">0"), ("cyclegan.lr", c.lr, ">0"),
-                                           ("cyclegan.beta1", c.beta1, "[0,1)"),
-                                           ("cyclegan.lambda_cycle", c.lambda_cycle, ">=0"),
-                                           ("cyclegan.lambda_identity", c.lambda_identity, ">=0"),
-                                           ("cyclegan.ngf", c.ngf, ">0"), ("cyclegan.ndf", c.ndf, ">0"),
-                                           ("cyclegan.n_blocks", c.n_blocks, ">=0"),
-                                           ("cyclegan.n_layers_d", c.n_layers_d, ">0"),
-                                           ("cyclegan.pool_size", c.pool_size, ">=0"),
-                                           ("cyclegan.decay_start", c.decay_start, ">=0"),
-                                           ("cyclegan.translate_batch_size", c.translate_batch_size, ">0"),
-                                           ("cyclegan.image_size", c.image_size, ">0")]
+    """Raise ConfigError for a number outside the range its option admits (budgets, learning rates, weights, widths,
+    thresholds, the normalisation), before it reaches a torch constructor's traceback or trains silently wrong."""
+    a, c, d = cfg.adapt, cfg.cyclegan, cfg.data
+    rules: list[tuple[str, float, str]] = [(f"adapt.{n}", getattr(a, n), "[0,1]")
+                                           for n in ("confidence_threshold", "initial_confidence_threshold")]
+    rules += [(name, v, ">0") for name, v in (
+        ("source.steps", cfg.source.steps), ("adapt.steps", a.steps), ("cyclegan.steps", c.steps),
+        ("source.batch_size", cfg.source.batch_size), ("adapt.batch_size", a.batch_size),
+        ("cyclegan.batch_size", c.batch_size), ("adapt.sync_interval", a.sync_interval),
+        ("adapt.attention_log_interval", a.attention_log_interval), ("cyclegan.shard_size", c.shard_size),
+        ("data.image_size", d.image_size))]
+    rules += [("adapt.beta", a.beta, ">=0"), ("data.cache_bytes", d.cache_bytes, ">=0"),
+              ("data.num_workers", d.num_workers, ">=0"), ("data.source_val_fraction", d.source_val_fraction, "[0,1)")]
+    rules += [("model.width", cfg.model.width, ">0"), ("cyclegan.lr", c.lr, ">0"), ("cyclegan.beta1", c.beta1, "[0,1)"),
+              ("cyclegan.lambda_cycle", c.lambda_cycle, ">=0"), ("cyclegan.lambda_identity", c.lambda_identity, ">=0"),
+              ("cyclegan.ngf", c.ngf, ">0"), ("cyclegan.ndf", c.ndf, ">0"), ("cyclegan.n_blocks", c.n_blocks, ">=0"),
+              ("cyclegan.n_layers_d", c.n_layers_d, ">0"), ("cyclegan.pool_size", c.pool_size, ">=0"),
+              ("cyclegan.decay_start", c.decay_start, ">=0"), ("cyclegan.image_size", c.image_size, ">0"),
+              ("cyclegan.translate_batch_size", c.translate_batch_size, ">0")]
     for stage in ("source", "adapt"):
         o = getattr(cfg, stage).optim
         rules += [(f"{stage}.optim.lr", o.lr, ">0"), (f"{stage}.optim.momentum", o.momentum, "[0,1)"),
@@ -437,8 +442,9 @@ def check_numbers(cfg: Config) -> None:
                   (f"{stage}.optim.lr_decay", o.lr_decay, ">=0"),
                   (f"{stage}.optim.backbone_lr_mult", o.backbone_lr_mult, ">=0")]
     rules += [(f"data.std[{i}]", v, ">0") for i, v in enumerate(d.std)]
-    holds = {">0": lambda v: v > 0, ">=0": lambda v: v >= 0, "[0,1)": lambda v: 0 <= v < 1}
-    said = {">0": "must be positive", ">=0": "must be >= 0", "[0,1)": "is not in [0, 1)"}
+    holds = {">0": lambda v: v > 0, ">=0": lambda v: v >= 0, "[0,1)": lambda v: 0 <= v < 1,
+             "[0,1]": lambda v: 0 <= v <= 1}
+    said = {">0": "must be positive", ">=0": "must be >= 0", "[0,1)": "is not in [0, 1)", "[0,1]": "is not in [0, 1]"}
     for name, v, rule in rules:
         if not holds[rule](v):
             raise ConfigError(f"option {name}: {v} {said[rule]}")
@@ -459,18 +465,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"option adapt.train_data: {a.train_data!r} must join distinct items of {'/'.join(STREAMS)} with '+'")
     if not any(s in ("S", "Tf") for s in streams):
         raise ConfigError(f"option adapt.train_data: {a.train_data!r} needs a labelled stream (S or Tf)")
-    for name, v in (("adapt.confidence_threshold", a.confidence_threshold),
-                    ("adapt.initial_confidence_threshold", a.initial_confidence_threshold)):
-        if not 0.0 <= v <= 1.0:
-            raise ConfigError(f"option {name}: {v} is not in [0, 1]")
-    for name, v in (("source.steps", cfg.source.steps), ("adapt.steps", a.steps), ("cyclegan.steps", cfg.cyclegan.steps),
-                    ("source.batch_size", cfg.source.batch_size), ("adapt.batch_size", a.batch_size),
-                    ("cyclegan.batch_size", cfg.cyclegan.batch_size), ("adapt.sync_interval", a.sync_interval),
-                    ("adapt.attention_log_interval", a.attention_log_interval),
-                    ("cyclegan.shard_size", cfg.cyclegan.shard_size),
-                    ("data.image_size", cfg.data.image_size)):
-        if v <= 0:
-            raise ConfigError(f"option {name}: {v} must be positive")
+    check_numbers(cfg)
     check_style_grid(cfg.cyclegan)
     check_model(cfg.model)
     check_pairing_quality(cfg.cyclegan)
@@ -478,17 +473,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"option data.channels: {cfg.data.channels} must be 1 or 3")
     if cfg.data.load_size < cfg.data.image_size:
         raise ConfigError(f"option data.load_size: {cfg.data.load_size} is smaller than data.image_size {cfg.data.image_size}")
-    if a.beta < 0:
-        raise ConfigError(f"option adapt.beta: {a.beta} must be >= 0")
-    check_numbers(cfg)
     for name, v in (("source.optim.ema_decay", cfg.source.optim.ema_decay), ("adapt.optim.ema_decay", a.optim.ema_decay)):
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"option {name}: {v} is not in [0, 1) (0 = no weight average)")
-    for name, v in (("data.cache_bytes", cfg.data.cache_bytes), ("data.num_workers", cfg.data.num_workers)):
-        if v < 0:
-            raise ConfigError(f"option {name}: {v} must be >= 0")
-    if not 0.0 <= cfg.data.source_val_fraction < 1.0:
-        raise ConfigError(f"option data.source_val_fraction: {cfg.data.source_val_fraction} is not in [0, 1)")
     b = cfg.baseline
     if len(b.proportions) != 4 or any(p < 0 for p in b.proportions) or b.proportions[0] <= 0 or b.proportions[2] <= 0:
         raise ConfigError("option baseline.proportions: expected four non-negative numbers for S, Tf, T, Sf with S > 0 and T > 0")

@@ -728,8 +728,9 @@ def test_no_preset_on_a_cpu_warns_that_digits_is_gpu_sized(tmp_path: Path, capsy
     tiny = ["--quiet", "--set", "source.steps=1", "--set", "source.batch_size=4", "--set", "data.demo_source=20"]
     assert cli.main(["train-source", "--source", "demo", "--out", str(tmp_path / "a"), *tiny]) == 0
     assert "no --preset: the digits preset's budgets are GPU-sized" in (tmp_path / "a" / "log.txt").read_text()
-    assert cli.main(["train-source", "--source", "demo", "--out", str(tmp_path / "b"), "--preset=digits", *tiny]) == 0
-    assert "no --preset" not in (tmp_path / "b" / "log.txt").read_text()
+    for run, given in (("b", ["--preset=digits"]), ("c", ["--pres", "digits"])):  # argparse's abbreviation too
+        assert cli.main(["train-source", "--source", "demo", "--out", str(tmp_path / run), *given, *tiny]) == 0
+        assert "no --preset" not in (tmp_path / run / "log.txt").read_text()
     assert "no --target-test: no accuracy" in capsys.readouterr().out
 
 
