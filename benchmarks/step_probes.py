@@ -287,7 +287,8 @@ def gpu_profile() -> None:
                 trainer.step(start + 10 + i)
             torch.cuda.synchronize()
         events = prof.key_averages()
-        busy = sum(e.self_device_time_total for e in events) / 10 / 1e6
+        kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in kernels) / 10 / 1e6
         print(f"===== {name}: {wall * 1e3:.1f} ms per step (wall), kernels busy {busy * 1e3:.1f} ms per step")
         print(events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=50))
 

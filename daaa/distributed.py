@@ -23,13 +23,15 @@ from .errors import DaaaError, PeerError
 
 @dataclass
 class Context:
-    """Where this process runs: rank, world size, device, and the autocast dtype (None = fp32)."""
+    """Where this process runs: rank, world size, device, the autocast dtype (None = fp32), the memory format, and
+    whether fixed-shape no-grad forwards may be replayed as CUDA graphs (``runtime.cuda_graphs``, CUDA only)."""
 
     rank: int
     world_size: int
     device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
+    cuda_graphs: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -122,7 +124,8 @@ def setup(runtime: RuntimeConfig) -> Context:
         torch.backends.cudnn.allow_tf32 = True
     amp = amp_dtype(runtime.precision, device)
     seed_everything(runtime.seed)
-    _CONTEXT = Context(rank, world_size, device, amp, runtime.channels_last)
+    _CONTEXT = Context(rank, world_size, device, amp, runtime.channels_last,
+                       cuda_graphs=runtime.cuda_graphs and device.type == "cuda")
     return _CONTEXT
 
 

@@ -70,3 +70,32 @@ def test_bench_stages_on_cuda(tmp_path: Path) -> None:
     assert result["machine"]["gpu"] == torch.cuda.get_device_name(0)
     assert all(v > 0 for v in result["images_per_second"].values())
     assert all(v > 0 for k, v in result["peak_memory_mib"].items() if k != "data_loading")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_graphed_source_forward_gives_the_eager_values(tmp_path: Path, precision: str) -> None:
+    """runtime.cuda_graphs: the anchors' frozen forward replayed as a CUDA graph gives L_AT as the eager forward does,
+    step after step (batches of a varying number of anchors fill the captured input's first rows)."""
+    import dataclasses
+
+    from daaa import bench
+    from daaa.config import load_config
+    from daaa.distributed import Context
+
+    cfg = load_config("smoke", ["data.augment=true", "adapt.cache_source_attention=false", "model.arch=resnet18",
+                                "model.pretrained=none", "data.image_size=32", "data.load_size=36",
+                                f"runtime.precision={precision}"])
+    data = bench.synthetic_data(cfg)
+    amp = {"fp32": None, "bf16": torch.bfloat16}[precision]
+    eager = bench.daaa_trainer(cfg, data, Context(0, 1, torch.device("cuda"), amp, True), tmp_path / "a")
+    graphed = bench.daaa_trainer(cfg, data, Context(0, 1, torch.device("cuda"), amp, True, cuda_graphs=True),
+                                 tmp_path / "b")
+    graphed.net.load_state_dict(eager.net.state_dict())
+    graphed.source_net.load_state_dict(eager.source_net.state_dict())
+    for step in range(5):
+        batch = eager.sampler.batch(step)
+        if step == 3:  # fewer pairs than the captured rows
+            batch = dataclasses.replace(batch, target_idx=batch.target_idx[:1], sf_idx=batch.sf_idx[:1])
+        a, b = eager.losses(batch, step)["L_AT"], graphed.losses(batch, step)["L_AT"]
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert graphed._graphed is not None and eager._graphed is None

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from daaa import AttentionAlignmentLoss, FeatureRecorder, attention_map
-from daaa.attention import _NormalisedEnergy
+from daaa.attention import _NormalisedEnergy, grouped_attention_maps
 from daaa.batches import MixedBatchSampler, stream_counts
 from daaa.em import PosteriorNetwork, confidence_mask, em_loss
 from daaa.models import DigitCNN
@@ -56,6 +56,38 @@ def test_attention_map_eq4_is_sum_of_squares():
     f[0, :, 0, 0] = torch.tensor([3.0, 4.0])  # 9 + 16 = 25
     f[0, :, 0, 1] = torch.tensor([0.0, 0.0])
     assert torch.allclose(attention_map(f), torch.tensor([[1.0, 0.0]]))
+
+
+def test_grouped_maps_equal_the_layers_maps_and_their_loss():
+    """Layers stacked by map size (one autograd node per size, issue 18) give each layer's Eq. 4 map, the same L_AT
+    (every discrepancy), the same gradients, and source_rows picks anchors as indexing would."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(8, 6, 6), (16, 3, 3), (4, 6, 6), (8, 3, 3), (2, 5, 5)]
+    src = [torch.randn(6, *s, generator=g) for s in shapes]
+    tgt = [torch.randn(6, *s, generator=g) for s in shapes]
+    groups = grouped_attention_maps(src)
+    assert [tuple(m.shape) for m in groups] == [(6, 2, 36), (6, 2, 9), (6, 1, 25)]  # sizes in first-seen order
+    torch.testing.assert_close(groups[0][:, 1], attention_map(src[2]))
+    torch.testing.assert_close(groups[1][:, 0], attention_map(src[1]))
+    rows = torch.tensor([5, 0, 0, 3, 1, 2])
+    for discrepancy in ("l2", "l1", "mmd", "jmmd"):
+        loss = AttentionAlignmentLoss(discrepancy=discrepancy)
+        a = [t.clone().requires_grad_() for t in tgt]
+        b = [t.clone().requires_grad_() for t in tgt]
+        by_layer = loss.from_maps([m[rows] for m in loss.maps(src)], loss.maps(a))
+        by_group = loss.from_maps(loss.grouped_maps(src), loss.grouped_maps(b), source_rows=rows)
+        torch.testing.assert_close(by_group, by_layer)
+        by_layer.backward()
+        by_group.backward()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y.grad, x.grad)
+        torch.testing.assert_close(loss(src, tgt), loss(loss.grouped_maps(src), tgt, source_are_maps=True))
+    with pytest.raises(ValueError, match="source_rows"):
+        AttentionAlignmentLoss().from_maps(groups, groups, source_rows=rows[:2])
+    double = [torch.randn(2, c, 3, 3, generator=g, dtype=torch.double, requires_grad=True) for c in (3, 5)]
+    assert torch.autograd.gradcheck(_NormalisedEnergy.apply, tuple(double))  # one node, two layers
+    low = src[0].bfloat16()  # bf16 features: summed in float32 without a float32 copy, as attention_map always did
+    torch.testing.assert_close(attention_map(low), attention_map(low.float()), rtol=0, atol=0)
 
 
 def test_attention_map_gradient_equals_autograd_of_eq4_and_normalisation():

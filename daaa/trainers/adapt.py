@@ -37,6 +37,36 @@ from .loop import guard_finite
 LOG = logging.getLogger("daaa")
 
 
+class GraphedForward:
+    """``fn`` (a no-grad function of one image batch, returning tensors) replayed as one CUDA graph for batches of
+    up to ``rows`` images: the frozen source net's forward on the anchors and their maps (``runtime.cuda_graphs``).
+    At a GPU's batch sizes that forward is ~1,400 small kernels whose launches the GPU waits on; replayed, it is one
+    launch. Same kernels, same values. A batch of fewer rows fills the first rows of the captured input (every row is
+    computed on its own: batch norm is in eval mode); the outputs are views of the graph's memory, valid until the
+    next call."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], list[torch.Tensor]], example: torch.Tensor, rows: int):
+        channels_last = example.is_contiguous(memory_format=torch.channels_last)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.rows = rows
+        self.input = example.new_zeros((rows, *example.shape[1:])).contiguous(memory_format=fmt)
+        self.input[:len(example)].copy_(example)
+        side = torch.cuda.Stream(example.device)  # warm-up (cudnn's autotuning) off the capture, as torch's recipe
+        side.wait_stream(torch.cuda.current_stream(example.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(self.input)
+        torch.cuda.current_stream(example.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.output = fn(self.input)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.input[:len(x)].copy_(x)
+        self.graph.replay()
+        return [out[:len(x)] for out in self.output]
+
+
 class DAAATrainer(Trainer):
     """Trains ``target_net`` on mixed batches with Eq. 12, guided by the frozen ``source_net`` (None: no L_AT).
 
@@ -74,7 +104,8 @@ class DAAATrainer(Trainer):
         self.alignment = AttentionAlignmentLoss(spec.attention, spec.discrepancy, reduction="sum")
         # Eq. 4's F_l of each aligned layer, read where adapt.attention_tap says (a ViT: one line, no layer)
         self.layers = attention_taps(self.net, spec.attention_tap) if source_net is not None else []
-        self.source_maps: list[torch.Tensor] | None = None  # per layer: the maps of S, then those of S_f
+        self.source_maps: list[torch.Tensor] | None = None  # per group of layers: the maps of S, then those of S_f
+        self._graphed: GraphedForward | None = None  # runtime.cuda_graphs: the anchors' frozen forward, captured
         if source_net is not None:
             self.source_net = source_net.to(ctx.device).eval().requires_grad_(False)
             if ctx.channels_last:
@@ -100,21 +131,21 @@ class DAAATrainer(Trainer):
     # ------------------------------------------------------------------ caches of what cannot change
     @torch.no_grad()
     def _maps_of(self, net: nn.Module, images: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
-        """Normalised attention maps of ``images`` through ``net`` at every aligned layer, on this rank's device."""
-        out: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        """Normalised attention maps of ``images`` through ``net`` at every aligned layer, stacked by size
+        (:meth:`AttentionAlignmentLoss.grouped_maps`), on this rank's device."""
+        parts: list[list[torch.Tensor]] = []
         with FeatureRecorder(net, self.layers) as rec:
             for i in range(0, images.shape[0], batch_size):
                 x = prepare(images[i:i + batch_size], self.data_cfg, device=self.ctx.device,
                             channels_last=self.ctx.channels_last)
                 with self.ctx.autocast():
                     net(x)
-                for slot, m in zip(out, self.alignment.maps(rec.features)):
-                    slot.append(m)
-        return [torch.cat(s) for s in out]
+                parts.append(self.alignment.grouped_maps(rec.features))
+        return [torch.cat(group) for group in zip(*parts)]
 
     def _source_map_cache(self) -> list[torch.Tensor] | None:
-        """The frozen source net's maps of every S and S_f image (the anchors of Eq. 5), computed once; per layer
-        one tensor, S_f image j at row len(S) + j, so a step's anchors are one lookup per layer.
+        """The frozen source net's maps of every S and S_f image (the anchors of Eq. 5), computed once; per group
+        of layers one tensor, S_f image j at row len(S) + j, so a step's anchors are one lookup per group.
 
         None when they do not fit what ``data.cache_bytes`` leaves beside the decoded images and M_post's posteriors
         (N_T x K floats, always kept: small): each step's anchors then go through the source net."""
@@ -271,19 +302,19 @@ class DAAATrainer(Trainer):
         with torch.set_grad_enabled(self.spec.beta > 0):  # computed and logged (Fig. 4) even when beta = 0
             # maps of the whole batch, then the paired rows: picking rows of the small maps rather than of the
             # conv features keeps each feature gradient one dense tensor (no scatter into zeros)
-            target_maps = self.alignment.maps(target_features)
+            target_maps = self.alignment.grouped_maps(target_features)
             if len(rows) == len(target_maps[0]):  # every row is paired (term 4 on all T rows): Eq. 5 is a sum, so
                 # the anchors are put in row order instead (no gradient to route)
                 anchor_of_row = anchor_of_pair[torch.argsort(rows)]
-                return self.alignment.from_maps([a[anchor_of_row] for a in anchor_maps], target_maps)
-            return self.alignment.from_maps([a[anchor_of_pair] for a in anchor_maps], [m[rows] for m in target_maps])
+                return self.alignment.from_maps(anchor_maps, target_maps, source_rows=anchor_of_row)
+            return self.alignment.from_maps(anchor_maps, [m[rows] for m in target_maps], source_rows=anchor_of_pair)
 
     def _anchor_maps(self, batch: MixedBatch, crops: torch.Tensor | None, inputs: torch.Tensor | None,
                      target_rows: torch.Tensor, src_idx: torch.Tensor,
                      sf_idx: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The source net's maps of the pairs' anchor images -- S[src_idx], then S_f[sf_idx] (an S_f image is
-        indexed by its real target image, so a T row's anchor needs no S_f row) -- as (maps, index): pair k's anchor
-        map is ``maps[l][index[k]]``. From the cache, or one frozen forward of each distinct (image, crop) when the
+        indexed by its real target image, so a T row's anchor needs no S_f row) -- as (maps, index): maps stacked by
+        size (:meth:`AttentionAlignmentLoss.grouped_maps`), pair k's anchor maps at row ``index[k]`` of each. From the cache, or one frozen forward of each distinct (image, crop) when the
         images are augmented (the anchor is cropped like its paired row, so the T_f and S_f rows' anchors are those
         of the S and T rows)."""
         device = self.ctx.device
@@ -317,9 +348,23 @@ class DAAATrainer(Trainer):
                                  device=device, channels_last=self.ctx.channels_last))
         position = torch.empty(len(keys), dtype=torch.long)
         position[torch.tensor(found + missing, dtype=torch.long)] = torch.arange(len(keys))
-        with torch.no_grad(), FeatureRecorder(self.source_net, self.layers) as rec, self.ctx.autocast():
-            self.source_net(torch.cat(parts) if len(parts) > 1 else parts[0])
-            return self.alignment.maps(rec.features), position[inverse].to(device)
+        anchors = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return self._source_maps_of(anchors, len(target_rows)), position[inverse].to(device)
+
+    @torch.no_grad()
+    def _source_maps_of(self, images: torch.Tensor, rows: int) -> list[torch.Tensor]:
+        """The frozen source net's grouped maps of prepared ``images``; as a CUDA graph for up to ``rows`` images
+        (the batch's pairs: anchors are never more) when ``runtime.cuda_graphs`` is on."""
+        def maps_of(x: torch.Tensor) -> list[torch.Tensor]:
+            with FeatureRecorder(self.source_net, self.layers) as rec, self.ctx.autocast():
+                self.source_net(x)
+                return self.alignment.grouped_maps(rec.features)
+
+        if not self.ctx.cuda_graphs:
+            return maps_of(images)
+        if self._graphed is None or len(images) > self._graphed.rows:
+            self._graphed = GraphedForward(maps_of, images, max(rows, len(images)))
+        return self._graphed(images)
 
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> dict[str, Any]:
