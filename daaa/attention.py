@@ -74,25 +74,26 @@ def _check_spatial(features: torch.Tensor) -> None:
 _EPS = 1e-12  # F.normalize's: an all-zero map stays zero
 
 
-def _channel_energy(f: torch.Tensor) -> torch.Tensor:
-    """Eq. 4, sum_c F_c^2, flattened to (N, H*W), in float32 (float64 for float64 features): one read of the
-    features, which are the largest tensors of the step (no float32 copy of bf16 ones, no ``f * f``)."""
-    dtype = torch.promote_types(f.dtype, torch.float32)
-    return torch.linalg.vector_norm(f, ord=2, dim=1, dtype=dtype).square_().flatten(1)
-
-
 class _NormalisedEnergy(torch.autograd.Function):
     """A_l / |A_l|_2 with A_l = sum_c F_l,c^2 (Eq. 4 and the normalisation of Eq. 5) for layers l = 1..L of one
     spatial size, stacked to (N, L, H*W), as one autograd node.
 
     Backward in one pass over each layer's features: with m = A / s, s = |A|_2, dL/dA = (g - m <m, g>) / s and
     dL/dF_c = 2 F_c dL/dA. Autograd's own graph of these ops makes several passes over the largest activations of
-    the network and a dozen small nodes per layer (the DAAA step's cost over plain training, issue 18)."""
+    the network and a dozen small nodes per layer; per layer, forward and backward are one operation each (a GPU
+    step at batch 32 waits on the launches of small operations: issue 18)."""
+
+    @staticmethod
+    def energy_roots(features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """sqrt(A_l) of each layer, stacked to (N, L, H, W): a vector norm over channels reads the features once,
+        in float32 without a float32 copy of bf16 ones (float64 for float64 features)."""
+        dtype = torch.float64 if any(f.dtype == torch.float64 for f in features) else torch.float32
+        roots = [torch.linalg.vector_norm(f, ord=2, dim=1, dtype=dtype) for f in features]
+        return roots[0].unsqueeze(1) if len(roots) == 1 else torch.stack(roots, dim=1)
 
     @staticmethod
     def forward(ctx, *features: torch.Tensor) -> torch.Tensor:
-        energies = [_channel_energy(f) for f in features]
-        energy = energies[0].unsqueeze(1) if len(energies) == 1 else torch.stack(energies, dim=1)
+        energy = _NormalisedEnergy.energy_roots(features).flatten(2).square_()
         norm = torch.linalg.vector_norm(energy, ord=2, dim=2, keepdim=True)
         clamped = norm < _EPS  # F.normalize's eps: an all-zero map has no direction, its gradient is g / eps
         norm = norm.clamp_min_(_EPS)
@@ -105,9 +106,10 @@ class _NormalisedEnergy(torch.autograd.Function):
         maps, norm, clamped, *features = ctx.saved_tensors
         radial = (maps * grad).sum(dim=2, keepdim=True).masked_fill_(clamped, 0.0)
         grad_energy = (grad - maps * radial).div_(norm).mul_(2.0)
-        n = grad.shape[0]
-        return tuple(f * grad_energy[:, i].view(n, 1, *f.shape[2:]).to(f.dtype) if ctx.needs_input_grad[i] else None
-                     for i, f in enumerate(features))
+        n, layers = grad.shape[:2]
+        # one (N, 1, H, W) slice per layer, in the features' dtype, made by one copy for the whole group
+        per_layer = grad_energy.transpose(0, 1).reshape(layers, n, 1, *features[0].shape[2:]).to(features[0].dtype)
+        return tuple(f * g if needed else None for f, g, needed in zip(features, per_layer, ctx.needs_input_grad))
 
 
 #: a layer to record: its name in ``named_modules()``, or (name, fn) to record ``fn(output)`` instead of its output
