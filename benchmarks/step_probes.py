@@ -269,19 +269,22 @@ def profile() -> None:
 
 def gpu_profile() -> None:
     """The office31 shapes (ResNet-50, 224 px crops, bf16, channels_last) on CUDA: wall time of 10 source-only and 10
-    DAAA steps, and the kernels' busy time per step (a step much longer than its kernels is launch-bound)."""
+    DAAA steps (each, and the median), and the kernels' busy time per step over 10 more (a step much longer than its
+    kernels is launch-bound)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     _, source_only, daaa, first = _trainers("office31", "cuda", ("model.pretrained=none", "runtime.precision=bf16",
                                                                  "runtime.channels_last=true"))
     for name, trainer, start in (("source_only", source_only, 10), ("daaa", daaa, first + 10)):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        walls = []  # each step on its own (a step already waits for its losses' values): a stall shows as one
         for i in range(10):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
             trainer.step(start + i)
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / 10
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t0)
+        wall = sorted(walls)[len(walls) // 2]
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for i in range(10):
                 trainer.step(start + 10 + i)
@@ -289,7 +292,8 @@ def gpu_profile() -> None:
         events = prof.key_averages()
         kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
         busy = sum(e.self_device_time_total for e in kernels) / 10 / 1e6
-        print(f"===== {name}: {wall * 1e3:.1f} ms per step (wall), kernels busy {busy * 1e3:.1f} ms per step")
+        print(f"===== {name}: {wall * 1e3:.1f} ms per step (wall, median), kernels busy {busy * 1e3:.1f} ms per step; "
+              f"steps: {' '.join(f'{w * 1e3:.0f}' for w in walls)} ms")
         print(events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=50))
 
 

@@ -232,7 +232,7 @@ class RuntimeConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast on CUDA; CPU stays fp32 unless asked
     channels_last: bool = False
     # CUDA only: the frozen source net's forward on the anchors (L_AT, Eq. 5) replayed as one CUDA graph -- at batch
-    # 32 that forward is ~1,400 small kernel launches the GPU waits on; the same kernels, the same values
+    # 32 that forward is ~1,400 small kernel launches the GPU waits on; the same computation in one launch
     cuda_graphs: bool = True
     deterministic: bool = False
     num_threads: int = 0  # 0 = torch's default

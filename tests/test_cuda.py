@@ -99,3 +99,22 @@ def test_graphed_source_forward_gives_the_eager_values(tmp_path: Path, precision
         a, b = eager.losses(batch, step)["L_AT"], graphed.losses(batch, step)["L_AT"]
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert graphed._graphed is not None and eager._graphed is None
+
+
+def test_a_forward_that_cannot_be_captured_runs_eagerly(tmp_path: Path, caplog) -> None:
+    """A source network that reads a value back to Python in its forward cannot be a CUDA graph: one warning, then
+    the eager forward (the run goes on)."""
+    from daaa import bench
+    from daaa.config import load_config
+    from daaa.distributed import Context
+
+    cfg = load_config("smoke", ["data.augment=true", "adapt.cache_source_attention=false"])
+    trainer = bench.daaa_trainer(cfg, bench.synthetic_data(cfg),
+                                 Context(0, 1, torch.device("cuda"), None, False, cuda_graphs=True), tmp_path)
+    forward = trainer.source_net.forward
+    trainer.source_net.forward = lambda x: forward(x) if float(x.sum()) == float(x.sum()) else None
+    with caplog.at_level("WARNING", logger="daaa"):
+        for step in range(2):
+            assert torch.isfinite(trainer.losses(trainer.sampler.batch(step), step)["L_AT"])
+    assert trainer._graphed is False
+    assert sum("cannot be captured" in r.getMessage() for r in caplog.records) == 1

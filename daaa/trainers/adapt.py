@@ -41,9 +41,9 @@ class GraphedForward:
     """``fn`` (a no-grad function of one image batch, returning tensors) replayed as one CUDA graph for batches of
     up to ``rows`` images: the frozen source net's forward on the anchors and their maps (``runtime.cuda_graphs``).
     At a GPU's batch sizes that forward is ~1,400 small kernels whose launches the GPU waits on; replayed, it is one
-    launch. Same kernels, same values. A batch of fewer rows fills the first rows of the captured input (every row is
-    computed on its own: batch norm is in eval mode); the outputs are views of the graph's memory, valid until the
-    next call."""
+    launch. The same computation (values to float rounding: cuDNN may pick other kernels for the padded batch). A
+    batch of fewer rows fills the first rows of the captured input (every row is computed on its own: batch norm is
+    in eval mode); the outputs are views of the graph's memory, valid until the next call."""
 
     def __init__(self, fn: Callable[[torch.Tensor], list[torch.Tensor]], example: torch.Tensor, rows: int):
         channels_last = example.is_contiguous(memory_format=torch.channels_last)
@@ -105,7 +105,8 @@ class DAAATrainer(Trainer):
         # Eq. 4's F_l of each aligned layer, read where adapt.attention_tap says (a ViT: one line, no layer)
         self.layers = attention_taps(self.net, spec.attention_tap) if source_net is not None else []
         self.source_maps: list[torch.Tensor] | None = None  # per group of layers: the maps of S, then those of S_f
-        self._graphed: GraphedForward | None = None  # runtime.cuda_graphs: the anchors' frozen forward, captured
+        # runtime.cuda_graphs: the anchors' frozen forward as a captured graph (None: not yet; False: cannot be)
+        self._graphed: GraphedForward | bool | None = None
         if source_net is not None:
             self.source_net = source_net.to(ctx.device).eval().requires_grad_(False)
             if ctx.channels_last:
@@ -314,9 +315,9 @@ class DAAATrainer(Trainer):
                      sf_idx: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The source net's maps of the pairs' anchor images -- S[src_idx], then S_f[sf_idx] (an S_f image is
         indexed by its real target image, so a T row's anchor needs no S_f row) -- as (maps, index): maps stacked by
-        size (:meth:`AttentionAlignmentLoss.grouped_maps`), pair k's anchor maps at row ``index[k]`` of each. From the cache, or one frozen forward of each distinct (image, crop) when the
-        images are augmented (the anchor is cropped like its paired row, so the T_f and S_f rows' anchors are those
-        of the S and T rows)."""
+        size (:meth:`AttentionAlignmentLoss.grouped_maps`), pair k's anchor maps at row ``index[k]`` of each. From
+        the cache, or one frozen forward of each distinct (image, crop) when the images are augmented (the anchor is
+        cropped like its paired row, so the T_f and S_f rows' anchors are those of the S and T rows)."""
         device = self.ctx.device
         if self.source_maps is not None:
             return self.source_maps, torch.cat([src_idx, sf_idx + len(self.data.source)]).to(device)
@@ -360,10 +361,16 @@ class DAAATrainer(Trainer):
                 self.source_net(x)
                 return self.alignment.grouped_maps(rec.features)
 
-        if not self.ctx.cuda_graphs:
+        if not self.ctx.cuda_graphs or self._graphed is False:
             return maps_of(images)
         if self._graphed is None or len(images) > self._graphed.rows:
-            self._graphed = GraphedForward(maps_of, images, max(rows, len(images)))
+            try:
+                self._graphed = GraphedForward(maps_of, images, max(rows, len(images)))
+            except RuntimeError as e:  # e.g. a network that reads values back to Python in its forward
+                LOG.warning("%s: runtime.cuda_graphs: the source network's forward cannot be captured as a CUDA "
+                            "graph (%s); it runs eagerly", self.desc, str(e).splitlines()[0] if str(e) else e)
+                self._graphed = False
+                return maps_of(images)
         return self._graphed(images)
 
     # ------------------------------------------------------------------ one step
