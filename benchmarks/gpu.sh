@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call (a lent GPU comes for minutes), most important first:
 #   1. `daaa bench --device cuda` at the office31 preset's shapes (ResNet-50 at 224 px, CycleGAN at 256 px) in bf16
-#      (issue 18), and a profile of its DAAA step (benchmarks/step_probes.py gpu_profile);
+#      (issue 18), its DAAA step without the CUDA graph, and a profile of that step (step_probes.py gpu_profile);
 #   2. the CUDA code paths as tests (tests/test_cuda.py: bf16 / fp16 / fp32 runs with channels_last, resume on the
 #      GPU, GPU-trained runs predicted on CPU);
-#   3. the office31 bench in fp32; plain and DAAA steps of ResNet-18 / -101 in bf16 (issue 16's backbones);
-#   4. `daaa demo` on the GPU (accuracy and seconds), if time is left.
+#   3. `daaa demo` on the GPU (accuracy and seconds);
+#   4. the office31 bench in fp32; plain and DAAA steps of ResNet-18 / -101 in bf16 (issue 16's backbones), as time
+#      allows.
 # Each step has its own time limit; the results so far are packed into one archive after every step, so a call cut
 # short still returns them.
 #
@@ -66,14 +67,8 @@ step "profile of the DAAA step (bf16)" $?; grep "=====" "$res/profile-office31-b
 timeout "$(left 150)" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$res/pytest-cuda.txt" 2>&1
 step "pytest tests/test_cuda.py" $?; tail -8 "$res/pytest-cuda.txt"
 
-# 3. fp32, and the other backbones (issue 16): plain and DAAA steps at 224 px, bf16
-bench office31-fp32 fp32 120
-for arch in resnet18 resnet101; do
-    bench "$arch-bf16" bf16 60 --set model.arch=$arch --stages source_only,daaa
-done
-
-# 4. the demo on the GPU (digits-cpu preset, seed 0), whatever time is left
-limit=$(left 400)
+# 3. the demo on the GPU (digits-cpu preset, seed 0; about 110 s on an H200)
+limit=$(left 180)
 if [ "$limit" -gt 60 ]; then
     t0=$SECONDS
     timeout "$limit" python3 -m daaa demo --out "$res/demo-run" --set runtime.device=cuda --quiet >"$res/demo.txt" 2>&1
@@ -82,3 +77,9 @@ if [ "$limit" -gt 60 ]; then
     find "$res/demo-run" -type f -size +1M -delete 2>/dev/null  # weights and image arrays stay behind: a small archive
     step "demo on cuda" $rc; tail -20 "$res/demo.txt"
 fi
+
+# 4. fp32, and the other backbones (issue 16): plain and DAAA steps at 224 px, bf16
+bench office31-fp32 fp32 120
+for arch in resnet18 resnet101; do
+    bench "$arch-bf16" bf16 60 --set model.arch=$arch --stages source_only,daaa
+done
