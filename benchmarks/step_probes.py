@@ -276,15 +276,17 @@ def gpu_profile() -> None:
 
     _, source_only, daaa, first = _trainers("office31", "cuda", ("model.pretrained=none", "runtime.precision=bf16",
                                                                  "runtime.channels_last=true"))
-    for name, trainer, start in (("source_only", source_only, 10), ("daaa", daaa, first + 10)):
-        walls = []  # each step on its own (a step already waits for its losses' values): a stall shows as one
+    runs = (("source_only", source_only, 10), ("daaa", daaa, first + 10))
+    walls: dict[str, list[float]] = {}
+    for name, trainer, start in runs:  # timed before any profiling: CUPTI, once started, may slow later launches
+        walls[name] = []  # each step on its own (a step already waits for its losses' values): a stall shows as one
         for i in range(10):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             trainer.step(start + i)
             torch.cuda.synchronize()
-            walls.append(time.perf_counter() - t0)
-        wall = sorted(walls)[len(walls) // 2]
+            walls[name].append(time.perf_counter() - t0)
+    for name, trainer, start in runs:
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for i in range(10):
                 trainer.step(start + 10 + i)
@@ -292,8 +294,9 @@ def gpu_profile() -> None:
         events = prof.key_averages()
         kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
         busy = sum(e.self_device_time_total for e in kernels) / 10 / 1e6
+        wall = sorted(walls[name])[len(walls[name]) // 2]
         print(f"===== {name}: {wall * 1e3:.1f} ms per step (wall, median), kernels busy {busy * 1e3:.1f} ms per step; "
-              f"steps: {' '.join(f'{w * 1e3:.0f}' for w in walls)} ms")
+              f"steps: {' '.join(f'{w * 1e3:.0f}' for w in walls[name])} ms")
         print(events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=50))
 
 

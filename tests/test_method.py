@@ -547,3 +547,42 @@ def test_misuse_of_the_losses_is_an_error_not_a_number() -> None:
         stream_counts(16, [0.35, 0.15, 0.35, 0.15], "S+X")
     with pytest.raises(ValueError, match="rank"):
         MixedBatchSampler(10, 10, 8, [0.35, 0.15, 0.35, 0.15], "S+Tf+T+Sf", 0, rank=3, world_size=2)
+
+
+@pytest.mark.parametrize("capture_fails", [False, True])
+def test_cuda_graph_plumbing_with_an_eager_stand_in(tmp_path, monkeypatch, caplog, capture_fails):
+    """runtime.cuda_graphs' plumbing, on CPU with an eager stand-in for the captured graph (tests/test_cuda.py runs
+    the real one): captured once, for as many rows as the batch has pairs, with the values of the eager path; a
+    capture that fails is not retried -- one warning, then the eager forward."""
+    from daaa import bench
+    from daaa.config import load_config
+    from daaa.distributed import Context
+    from daaa.trainers import adapt
+
+    captures: list[int] = []
+
+    class StandIn:
+        def __init__(self, fn, example, rows):
+            captures.append(rows)
+            if capture_fails:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            self.fn, self.rows = fn, rows
+
+        def __call__(self, x):
+            return [m.clone() for m in self.fn(x)]
+
+    monkeypatch.setattr(adapt, "GraphedForward", StandIn)
+    cfg = load_config("smoke", ["data.augment=true", "adapt.cache_source_attention=false"])
+    data = bench.synthetic_data(cfg)
+    cpu = torch.device("cpu")
+    eager = bench.daaa_trainer(cfg, data, Context(0, 1, cpu, None, False), tmp_path / "a")
+    graphed = bench.daaa_trainer(cfg, data, Context(0, 1, cpu, None, False, cuda_graphs=True), tmp_path / "b")
+    with caplog.at_level("WARNING", logger="daaa"):
+        for step in range(3):
+            batch = eager.sampler.batch(step)
+            a, b = eager.losses(batch, step)["L_AT"], graphed.losses(batch, step)["L_AT"]
+            assert torch.equal(a, b)
+    pairs = len(eager.sampler.batch(0).anchor_rows(cfg.adapt.target_anchors)[0])
+    assert captures == [pairs] and eager._graphed is None
+    warned = [r for r in caplog.records if "cannot be captured" in r.getMessage()]
+    assert len(warned) == capture_fails and (graphed._graphed is False) == capture_fails
