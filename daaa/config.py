@@ -183,6 +183,9 @@ class AdaptConfig:
     async_posterior: bool = True  # False = EM-A: posterior from the current network (a no-grad eval-mode forward)
     filtering: bool = True  # False = EM-B: no threshold
     restart_schedule: bool = True  # False = EM-C: the lr schedule is not restarted at a sync
+    # what M_post copies at a sync: the trained weights theta_t (the paper), or their moving average (optim.ema_decay),
+    # the network that is evaluated and shipped -- ours, measured in BENCHMARKS.md ("Tenth session")
+    posterior_from: Literal["trained", "average"] = "trained"
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval_interval: int = 100
     checkpoint_interval: int = 200
@@ -479,6 +482,8 @@ def validate(cfg: Config) -> None:
     for name, v in (("source.optim.ema_decay", cfg.source.optim.ema_decay), ("adapt.optim.ema_decay", a.optim.ema_decay)):
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"option {name}: {v} is not in [0, 1) (0 = no weight average)")
+    if a.posterior_from == "average" and a.optim.ema_decay == 0:
+        raise ConfigError("option adapt.posterior_from: 'average' needs a weight average (adapt.optim.ema_decay > 0)")
     b = cfg.baseline
     if len(b.proportions) != 4 or any(p < 0 for p in b.proportions) or b.proportions[0] <= 0 or b.proportions[2] <= 0:
         raise ConfigError("option baseline.proportions: expected four non-negative numbers for S, Tf, T, Sf with S > 0 and T > 0")

@@ -120,12 +120,16 @@ def _data_key(cfg: Config) -> dict[str, Any]:
     return d
 
 
+_LATER_DEFAULTS = {"ema_decay": 0, "posterior_from": "trained"}
+
+
 def _without_later_defaults(section: Any) -> Any:
     """``section`` (nested dicts) without the options added after run folders were made, where they are off
-    (``optim.ema_decay`` = 0): those folders' stages stay valid."""
+    (``_LATER_DEFAULTS``): those folders' stages stay valid."""
     if not isinstance(section, dict):
         return section
-    return {k: _without_later_defaults(v) for k, v in section.items() if not (k == "ema_decay" and v == 0)}
+    return {k: _without_later_defaults(v) for k, v in section.items()
+            if not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
 
 
 def stage_key(cfg: Config, data: DomainData, probe: SelectionProbe | None, sections: dict[str, Any],

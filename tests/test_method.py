@@ -586,3 +586,31 @@ def test_cuda_graph_plumbing_with_an_eager_stand_in(tmp_path, monkeypatch, caplo
     assert captures == [pairs] and eager._graphed is None
     warned = [r for r in caplog.records if "cannot be captured" in r.getMessage()]
     assert len(warned) == capture_fails and (graphed._graphed is False) == capture_fails
+
+
+@pytest.mark.parametrize("posterior_from", ["trained", "average"])
+def test_m_post_copies_the_trained_weights_or_their_average(tmp_path, posterior_from):
+    """adapt.posterior_from: at a sync M_post copies theta_t (the paper) or the moving average of the weights."""
+    from daaa import bench
+    from daaa.config import load_config
+    from daaa.distributed import Context
+
+    cfg = load_config("smoke", ["adapt.sync_interval=3", "adapt.optim.ema_decay=0.9",
+                                f"adapt.posterior_from={posterior_from}"])
+    trainer = bench.daaa_trainer(cfg, bench.synthetic_data(cfg), Context(0, 1, torch.device("cpu"), None, False),
+                                 tmp_path)
+    for step in range(4):  # synced at step 3, before that step's update
+        trainer.step(step)
+        if step == 2:
+            average, trained = trainer.average.module.state_dict(), trainer.net.state_dict()
+            expected, other = copy.deepcopy((average, trained) if posterior_from == "average" else (trained, average))
+    synced = trainer.posterior_net.net.state_dict()
+    assert all(torch.equal(synced[k], v) for k, v in expected.items())
+    assert not all(torch.equal(synced[k], v) for k, v in other.items())
+
+
+def test_m_post_from_the_average_needs_an_average():
+    from daaa.config import load_config
+
+    with pytest.raises(ConfigError, match="adapt.posterior_from"):
+        load_config("smoke", ["adapt.posterior_from=average"])

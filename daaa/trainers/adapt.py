@@ -378,7 +378,7 @@ class DAAATrainer(Trainer):
         """Sync M_post when due (modification A), set the learning rate (C), and take one update of Eq. 12."""
         spec, ctx = self.spec, self.ctx
         if self.uses_em and self.posterior_net.due(step):
-            self.posterior_net.sync(self.net, step)
+            self.posterior_net.sync(self.evaluated_net if spec.posterior_from == "average" else self.net, step)
             if spec.async_posterior:
                 self._refresh_posteriors()
         lr = set_lr(self.optimizer, spec.optim, self.steps_since_restart(step))
