@@ -12,6 +12,7 @@ streams go through the target network in one batched forward.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable
 
@@ -134,15 +135,16 @@ class DAAATrainer(Trainer):
     def _maps_of(self, net: nn.Module, images: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
         """Normalised attention maps of ``images`` through ``net`` at every aligned layer, stacked by size
         (:meth:`AttentionAlignmentLoss.grouped_maps`), on this rank's device."""
-        parts: list[list[torch.Tensor]] = []
-        with FeatureRecorder(net, self.layers) as rec:
-            for i in range(0, images.shape[0], batch_size):
-                x = prepare(images[i:i + batch_size], self.data_cfg, device=self.ctx.device,
-                            channels_last=self.ctx.channels_last)
-                with self.ctx.autocast():
-                    net(x)
-                parts.append(self.alignment.grouped_maps(rec.features))
+        parts = [self._grouped_maps(net, prepare(images[i:i + batch_size], self.data_cfg, device=self.ctx.device,
+                                                 channels_last=self.ctx.channels_last))
+                 for i in range(0, images.shape[0], batch_size)]
         return [torch.cat(group) for group in zip(*parts)]
+
+    def _grouped_maps(self, net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        """``net``'s normalised maps of the prepared batch ``x`` at the aligned layers, stacked by size."""
+        with FeatureRecorder(net, self.layers) as rec, self.ctx.autocast():
+            net(x)
+            return self.alignment.grouped_maps(rec.features)
 
     def _source_map_cache(self) -> list[torch.Tensor] | None:
         """The frozen source net's maps of every S and S_f image (the anchors of Eq. 5), computed once; per group
@@ -356,11 +358,7 @@ class DAAATrainer(Trainer):
     def _source_maps_of(self, images: torch.Tensor, rows: int) -> list[torch.Tensor]:
         """The frozen source net's grouped maps of prepared ``images``; as a CUDA graph for up to ``rows`` images
         (the batch's pairs: anchors are never more) when ``runtime.cuda_graphs`` is on."""
-        def maps_of(x: torch.Tensor) -> list[torch.Tensor]:
-            with FeatureRecorder(self.source_net, self.layers) as rec, self.ctx.autocast():
-                self.source_net(x)
-                return self.alignment.grouped_maps(rec.features)
-
+        maps_of = functools.partial(self._grouped_maps, self.source_net)
         if not self.ctx.cuda_graphs or self._graphed is False:
             return maps_of(images)
         if self._graphed is None or len(images) > self._graphed.rows:
