@@ -9,6 +9,7 @@
     python3 benchmarks/step_probes.py int8 [R]        # the anchors' frozen forward in fp32 vs eager int8 quantization
     python3 benchmarks/step_probes.py compile [R]     # a plain step and an L_AT step, eager vs torch.compile
     python3 benchmarks/step_probes.py overlap [R]     # the anchors' frozen forward in a second thread, beside the target's
+    python3 benchmarks/step_probes.py opcount         # aten calls per office31-shaped step (the GPU ratio's CPU proxy)
 
 The CycleGAN probes use random images of the ``digits-cpu`` shape and print seconds per step (20 steps after 5 of
 warm-up); "two processes" in BENCHMARKS.md is ``threads 16 1`` started twice at once.
@@ -386,7 +387,44 @@ def int8(rounds: int = 3) -> None:
             print(f"conv{layer} map: int8 off fp32 by {float((a - b).norm() / a.norm()):.2%} (relative L2)")
 
 
+def opcount(steps: int = 3) -> None:
+    """The operations a step issues at the office31 preset's network (ResNet-50, batch 32; 32-px crops so that it
+    runs on a CPU): aten calls per source-only and per DAAA step, counted with torch.profiler. At batch 32 on a GPU
+    both steps are launch-bound (BENCHMARKS.md, tenth session), so the count's ratio predicts the GPU's cost ratio:
+    it gave 1.385 where the H200 measured 1.43. With ``runtime.cuda_graphs`` the frozen forward on the anchors and
+    its maps are one graph launch; the proxy counts them as one call. Then the operations the DAAA step adds beyond
+    that forward, by name (most are metadata: views, selects; kernels are mul, add_, vector norms, copies)."""
+    import collections
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cfg, source_only, daaa, first = _trainers("office31", "cpu", ("model.pretrained=none", "data.image_size=32",
+                                                                  "data.load_size=40", "runtime.channels_last=true"))
+
+    def count(fn) -> collections.Counter:
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(steps):
+                fn(i)
+        return collections.Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
+
+    plain = count(lambda i: source_only.step(20 + i))
+    full = count(lambda i: daaa.step(first + 20 + i))
+    x = _first_batch(cfg, daaa, first + 20)[2]
+    rows = len(daaa.sampler.batch(first + 20).anchor_rows(cfg.adapt.target_anchors)[0])
+    frozen = count(lambda i: daaa._source_maps_of(x[:rows], rows))
+    n_plain, n_full, n_frozen = (sum(c.values()) / steps for c in (plain, full, frozen))
+    print(f"aten calls per step: source-only {n_plain:.0f}, DAAA {n_full:.0f} ({n_full / n_plain:.3f}x), of which the "
+          f"frozen forward on {rows} anchors and their maps {n_frozen:.0f}")
+    print(f"proxy of the GPU cost ratio, that forward as one graph launch: {(n_full - n_frozen + 1) / n_plain:.3f}")
+    extra = full.copy()
+    extra.subtract(plain)
+    extra.subtract(frozen)
+    for name, n in extra.most_common(15):
+        print(f"  {name:36s} +{n / steps:6.1f} per step")
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], [int(a) for a in sys.argv[2:]]
     {"threads": threads, "sharded": sharded, "groupnorm": groupnorm, "profile": profile, "gpu_profile": gpu_profile, "floor": floor,
-     "int8": int8, "compile": compiled, "overlap": overlap}[mode](*args)
+     "int8": int8, "compile": compiled, "overlap": overlap, "opcount": opcount}[mode](*args)
