@@ -7,6 +7,7 @@ the gloo backend is used, on CUDA nccl. Without torchrun everything runs as a si
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import torch.nn as nn
 
 from .config import RuntimeConfig
 from .errors import DaaaError, PeerError
+
+LOG = logging.getLogger("daaa")
 
 
 @dataclass
@@ -123,6 +126,10 @@ def setup(runtime: RuntimeConfig) -> Context:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     amp = amp_dtype(runtime.precision, device)
+    if amp is torch.bfloat16 and device.type == "cpu" and not native_bf16_cpu():
+        LOG.warning("runtime.precision=bf16: this CPU has no bf16 instructions (AVX-512-BF16 / AMX), so PyTorch "
+                    "emulates them and bf16 runs several times slower than fp32 here (7.7x for the digits-cpu "
+                    "CycleGAN, BENCHMARKS.md); fp32 is the fast setting on this machine")
     seed_everything(runtime.seed)
     _CONTEXT = Context(rank, world_size, device, amp, runtime.channels_last,
                        cuda_graphs=runtime.cuda_graphs and device.type == "cuda")
@@ -135,6 +142,14 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if amp is torch.float16 and device.type != "cuda":
         raise DaaaError("option runtime.precision: fp16 autocast needs CUDA; use bf16 or fp32 on CPU")
     return amp
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512-BF16 or AMX, e.g. Intel Xeon since Cooper / Sapphire
+    Rapids): there ``runtime.precision=bf16`` trains faster than fp32 (demo pair 306 -> 230 s, BENCHMARKS.md);
+    elsewhere PyTorch emulates it, several times slower."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private in torch.cpu: absent means unknown
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

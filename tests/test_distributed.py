@@ -15,6 +15,7 @@ bit-identical. Longer runs drift further (Adam amplifies rounding; 60 adapt step
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from daaa import cli
+from daaa import cli, distributed
 from daaa.config import load_config
 from daaa.distributed import Context
 
@@ -178,6 +179,27 @@ def test_bf16_autocast_and_channels_last_on_cpu(tmp_path: Path, monkeypatch) -> 
     assert out_dtypes and out_dtypes[0] == torch.bfloat16
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     assert model.translate_st(x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch, caplog, native: bool) -> None:
+    from daaa.config import RuntimeConfig
+
+    monkeypatch.setattr(distributed, "native_bf16_cpu", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="daaa"):
+        ctx = distributed.setup(RuntimeConfig(device="cpu", precision="bf16"))
+    assert ctx.amp_dtype is torch.bfloat16
+    warned = [r.getMessage() for r in caplog.records if "runtime.precision=bf16" in r.getMessage()]
+    assert bool(warned) is not native
+    assert not warned or "fp32 is the fast setting" in warned[0]
+
+
+def test_native_bf16_reads_the_cpu_probes_and_tolerates_their_absence(monkeypatch) -> None:
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, name, raising=False)
+    assert distributed.native_bf16_cpu() is False  # a torch without the private probes: no claim of bf16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert distributed.native_bf16_cpu() is True
 
 
 # ---------------------------------------------------------------------- torchrun: 2 processes == 1 process
