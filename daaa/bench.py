@@ -46,7 +46,7 @@ import torch
 from .config import Config
 from .data.domain import DomainData, ImageTensors
 from .data.streaming import release_freed_memory
-from .distributed import Context
+from .distributed import Context, native_bf16_cpu
 from .runs import Stage, atomic_write_json
 from .trainers.adapt import DAAATrainer
 
@@ -163,7 +163,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         pass
     info = {"cpu_model": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch_version": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "device": str(device)}
+            "device": str(device), "cpu_bf16": native_bf16_cpu()}  # bf16 in hardware: runtime.precision=bf16 pays
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -331,7 +331,8 @@ UNITS = {"source_only": "S images, source-only step", "daaa": "mixed-batch image
 def format_table(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [f"daaa bench: preset {result['preset']}, {m['device']}, {m['cpu_model']} ({m['cpu_cores']} cores, "
-             f"{m['torch_threads']} threads), torch {m['torch_version']}, {result['date']}",
+             f"{m['torch_threads']} threads{', bf16 in hardware' if m.get('cpu_bf16') else ''}), "
+             f"torch {m['torch_version']}, {result['date']}",
              f"{'stage':<12} {'images/s':>10} {'ms/image':>9} {'peak MiB':>9}  what"]
     for k, v in result["images_per_second"].items():
         lines.append(f"{k:<12} {v:>10.1f} {1000 / v:>9.3f} {result['peak_memory_mib'][k]:>9.1f}  {UNITS[k]}")

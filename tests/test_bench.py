@@ -144,3 +144,5 @@ def test_bench_cli_smoke(tmp_path, capsys):
     for k in ("cpu_model", "cpu_cores", "torch_version", "device"):
         assert r["machine"][k], k
     assert r["machine"]["device"] == "cpu" and r["date"] and r["preset"] == "smoke"
+    assert isinstance(r["machine"]["cpu_bf16"], bool)
+    assert ("bf16 in hardware" in printed) is r["machine"]["cpu_bf16"]
