@@ -310,6 +310,20 @@ def test_unpaired_rows_keep_their_own_crop():
     assert b.crop_partners().tolist() == [0, 1, 2, 3, 4, 3]  # Tf row 2 keeps its crop; Sf row 5 takes T row 3's
 
 
+def test_unique_rows_is_torch_unique_along_rows():
+    from daaa.trainers.adapt import unique_rows
+
+    g = torch.Generator().manual_seed(0)
+    for bounds in ([2, 40, 5, 5, 2], [2, 3000, 33, 33, 2], [1, 1, 1], [2 ** 40, 2 ** 30, 4]):  # the last overflows
+        rows = torch.stack([torch.randint(0, b, (50,), generator=g) for b in bounds], 1)
+        rows = torch.cat([rows, rows[:20]])  # repeated anchors: one row each, the inverse points to it
+        expected = torch.unique(rows, dim=0, return_inverse=True)
+        got = unique_rows(rows)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), bounds
+    empty = unique_rows(torch.zeros(0, 5, dtype=torch.long))
+    assert empty[0].shape == (0, 5) and empty[1].shape == (0,)
+
+
 def test_resnet50_forward_backward_tiny_input_and_aligned_layers():
     from daaa.models import ResNet50
 
