@@ -47,11 +47,11 @@ bench() {  # NAME PRECISION LIMIT [daaa bench options]
         --set runtime.channels_last=true --json "$res/bench-$name.json" "$@" >"$res/bench-$name.txt" 2>&1
     step "bench $name" $?; tail -12 "$res/bench-$name.txt"
 }
-mode=${1:-all}  # "step": only the DAAA step's figures (issue 18) and the CUDA-graph test, for a short call
+mode=${1:-all}  # "step": only the DAAA step's figures (issue 18) and the CUDA-graph tests (its fallback too), for a short call
 if [ "$mode" = step ]; then
-    timeout "$(left 60)" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k graphed \
+    timeout "$(left 60)" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "graphed or captured" \
         >"$res/pytest-graphed.txt" 2>&1
-    step "pytest test_cuda.py -k graphed" $?; tail -3 "$res/pytest-graphed.txt"
+    step "pytest test_cuda.py -k graphed or captured" $?; tail -3 "$res/pytest-graphed.txt"
     bench office31-bf16 bf16 100 --stages source_only,daaa
     bench office31-bf16-eager bf16 100 --stages source_only,daaa --set runtime.cuda_graphs=false
     timeout "$(left 90)" python3 benchmarks/step_probes.py gpu_profile >"$res/profile-office31-bf16.txt" 2>&1
