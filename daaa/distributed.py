@@ -145,9 +145,9 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX-512-BF16 or AMX, e.g. Intel Xeon since Cooper / Sapphire
-    Rapids): there ``runtime.precision=bf16`` trains faster than fp32 (demo pair 306 -> 230 s, BENCHMARKS.md);
-    elsewhere PyTorch emulates it, several times slower."""
+    """Whether this CPU computes bf16 in hardware (AVX-512-BF16 or AMX; ``lscpu`` flags avx512_bf16, amx_bf16):
+    there ``runtime.precision=bf16`` can train faster than fp32 (a Xeon with AMX: demo pair 306 -> 230 s,
+    BENCHMARKS.md); elsewhere PyTorch emulates it, several times slower."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private in torch.cpu: absent means unknown
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 

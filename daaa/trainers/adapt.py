@@ -42,11 +42,11 @@ LOG = logging.getLogger("daaa")
 def unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.unique(rows, dim=0, return_inverse=True)`` for a CPU matrix of non-negative integers, rows in the same
     (lexicographic) order: each row read as one mixed-radix int64, so one 1-D unique. Why: ``unique`` along a
-    dimension compares rows pairwise (~250 small operations per step on the anchors' keys; the GPU step waits on the
-    CPU's dispatch)."""
-    if len(rows) == 0 or math.prod(int(b) + 1 for b in rows.amax(dim=0).tolist()) >= 2 ** 63:
+    dimension compares rows pairwise, ~100 more small operations per step on the anchors' keys, and a GPU step at
+    office31's batch waits on the CPU's dispatch (``benchmarks/step_probes.py opcount``)."""
+    bases = rows.amax(dim=0) + 1 if len(rows) else None
+    if bases is None or math.prod(bases.tolist()) >= 2 ** 63:  # no row, or codes that would not fit an int64
         return torch.unique(rows, dim=0, return_inverse=True)
-    bases = rows.amax(dim=0) + 1
     place = torch.cat([bases.flip(0).cumprod(0).flip(0)[1:], bases.new_ones(1)])  # each column's place value
     codes, inverse = torch.unique(rows @ place, return_inverse=True)
     first = torch.empty(len(codes), dtype=torch.long).scatter_(0, inverse, torch.arange(len(rows)))
