@@ -251,6 +251,27 @@ def test_nan_loss_stops_with_step_and_term(tmp_path: Path, capsys) -> None:
     assert not (run / "metrics.json").exists()
 
 
+def test_a_nan_step_changes_no_weight_although_its_backward_ran(tmp_path: Path) -> None:
+    """The step queues backward before it reads the losses back (a GPU overlaps the two); the guard still comes
+    before the update: weights and optimiser state stay those of the last good step."""
+    from daaa import bench
+    from daaa.errors import NonFiniteLossError
+
+    cfg = load_config("smoke")
+    trainer = bench.daaa_trainer(cfg, bench.synthetic_data(cfg), Context(0, 1, torch.device("cpu"), None, False),
+                                 tmp_path)
+    trainer.step(0)
+    weights = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    moments = [v.clone() for st in trainer.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    losses = trainer.losses
+    trainer.losses = lambda batch, step: {**losses(batch, step), "L_EM": torch.tensor(float("nan"))}
+    with pytest.raises(NonFiniteLossError, match="step 2: loss term L_EM is nan"):
+        trainer.step(1)
+    assert all(torch.equal(v, trainer.net.state_dict()[k]) for k, v in weights.items())
+    after = [v for st in trainer.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    assert len(after) == len(moments) and all(torch.equal(a, b) for a, b in zip(moments, after))
+
+
 def test_nan_in_cyclegan_stops_with_step_and_term(tmp_path: Path, capsys, monkeypatch) -> None:
     """A discriminator output that turns NaN in step 2 (lr=1e30 does it too, but NaN arithmetic in the convs is
     slow on CPU)."""

@@ -315,8 +315,10 @@ class DAAATrainer(Trainer):
         if self.source_net is None:
             return torch.zeros((), device=self.ctx.device)
         target_rows, src_idx, sf_idx = batch.anchor_rows(self.spec.target_anchors)
-        anchor_maps, anchor_of_pair = self._anchor_maps(batch, crops, inputs, target_rows, src_idx, sf_idx)
+        # index tensors go to the device before the frozen forward: on CUDA a copy from the host waits for the
+        # kernels queued before it, and after the forward's graph that would be all of them
         rows = target_rows.to(self.ctx.device)
+        anchor_maps, anchor_of_pair = self._anchor_maps(batch, crops, inputs, target_rows, src_idx, sf_idx)
         with torch.set_grad_enabled(self.spec.beta > 0):  # computed and logged (Fig. 4) even when beta = 0
             # maps of the whole batch, then the paired rows: picking rows of the small maps rather than of the
             # conv features keeps each feature gradient one dense tensor (no scatter into zeros)
@@ -367,7 +369,8 @@ class DAAATrainer(Trainer):
         position = torch.empty(len(keys), dtype=torch.long)
         position[torch.tensor(found + missing, dtype=torch.long)] = torch.arange(len(keys))
         anchors = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return self._source_maps_of(anchors, len(target_rows)), position[inverse].to(device)
+        anchor_of_pair = position[inverse].to(device)  # before the forward (see attention_loss)
+        return self._source_maps_of(anchors, len(target_rows)), anchor_of_pair
 
     @torch.no_grad()
     def _source_maps_of(self, images: torch.Tensor, rows: int) -> list[torch.Tensor]:
@@ -402,13 +405,15 @@ class DAAATrainer(Trainer):
         if not logged_at:  # beta = 0 and not a logging step: the sums below carry a zero in its place
             t["L_AT"] = torch.zeros((), device=ctx.device)
         loss = (t["L_CE"] + t["L_EM"] + spec.beta * t["L_AT"]) * (ctx.world_size / self.global_batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        # backward is queued before the values are read back: on a GPU its launches overlap the forward's last
+        # kernels (the frozen net's graph, L_AT) instead of waiting for them to finish
+        self.scaler.scale(loss).backward()
         # the global sums come before the update: every rank sees the same values, so a NaN on one rank's shard
-        # stops all ranks at the same step (no rank left waiting in backward's all-reduce)
+        # stops all ranks at the same step, before any weight changes
         sums = ctx.all_reduce_sum(torch.stack([t[k].detach() for k in ("L_CE", "L_EM", "L_AT", "em_kept")]))
         ce, em, at, n_kept = sums.tolist()  # the step's one read-back of values (a device sync on CUDA)
         guard_finite(step, {"L_CE": ce, "L_EM": em, "L_AT": at}, self.stage)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.update_average()

@@ -153,15 +153,15 @@ class BaselineTrainer(Trainer):
             transfer = jmmd([x[:n_s] for x in layers], [x[n_s:] for x in layers],
                             [b.kernel_mults, b.softmax_kernel_mults], b.linear_mmd)
         loss = loss_ce + b.tradeoff * transfer
-        sums = ctx.all_reduce_sum(torch.stack([loss_ce.detach(), transfer.detach()]).float()) / ctx.world_size
-        guard_finite(step, {"L_CE": sums[0], "L_transfer": sums[1]}, self.stage)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward()  # queued before the read-back, as in DAAATrainer.step
+        sums = ctx.all_reduce_sum(torch.stack([loss_ce.detach(), transfer.detach()]).float()) / ctx.world_size
+        ce, transfer_sum = sums.tolist()  # the step's one read-back; a NaN stops every rank before the update
+        guard_finite(step, {"L_CE": ce, "L_transfer": transfer_sum}, self.stage)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.update_average()
-        out = {"loss": float(sums[0] + b.tradeoff * sums[1]), "L_CE": float(sums[0]), "L_transfer": float(sums[1]),
-               "lr": lr}
+        out = {"loss": ce + b.tradeoff * transfer_sum, "L_CE": ce, "L_transfer": transfer_sum, "lr": lr}
         if self.method == "dann":
             out["grl_coeff"] = coeff
             out["domain_accuracy"] = self.module.adversary.domain_accuracy
