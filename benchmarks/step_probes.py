@@ -21,6 +21,7 @@ import itertools
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -269,15 +270,26 @@ def profile() -> None:
 
 
 def gpu_profile() -> None:
-    """The office31 shapes (ResNet-50, 224 px crops, bf16, channels_last) on CUDA: wall time of 10 source-only and 10
-    DAAA steps (each, and the median), and the kernels' busy time per step over 10 more (a step much longer than its
-    kernels is launch-bound)."""
+    """The office31 shapes (ResNet-50, 224 px crops, bf16, channels_last) on CUDA: the host-device syncs of one
+    source-only and one DAAA step (``torch.cuda.set_sync_debug_mode``: each one drains the launch queue), wall time
+    of 10 steps of each (each, and the median), and the kernels' busy time per step over 10 more (a step much longer
+    than its kernels is launch-bound)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     _, source_only, daaa, first = _trainers("office31", "cuda", ("model.pretrained=none", "runtime.precision=bf16",
                                                                  "runtime.channels_last=true"))
     runs = (("source_only", source_only, 10), ("daaa", daaa, first + 10))
+    for name, trainer, start in runs:  # host-device syncs per step: each drains the launch queue (one step each)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                trainer.step(start - 1)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+        print(f"===== {name}: {len(syncs)} host-device syncs in one step")
     walls: dict[str, list[float]] = {}
     for name, trainer, start in runs:  # timed before any profiling: CUPTI, once started, may slow later launches
         walls[name] = []  # each step on its own (a step already waits for its losses' values): a stall shows as one
