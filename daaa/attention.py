@@ -14,6 +14,7 @@ Usable in any training loop::
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal, Sequence, Tuple, Union
 
 import torch
@@ -63,6 +64,37 @@ def grouped_attention_maps(features: Sequence[torch.Tensor], kind: AttentionKind
     for f in features:
         groups.setdefault(tuple(f.shape[2:]), []).append(f)
     return [_NormalisedEnergy.apply(*group) for group in groups.values()]
+
+
+def crop_attention_maps(maps: torch.Tensor, crops: torch.Tensor, size: int, side: int) -> torch.Tensor:
+    """Normalised maps of cropped images read off the maps of the uncropped ones: (N, L, D) maps of square images
+    (D = an H x H map per layer) and (N, 3) crop rows (top, left, flip) of ``size``-pixel crops
+    (:func:`daaa.data.transforms.crop_params`) -> (N, L, side * side), each layer's map renormalised as Eq. 5 reads.
+
+    Map pixel j of a crop covers input pixels [left + j s, left + (j + 1) s), s = size / side, i.e. pixel
+    left / s + j of the uncropped image's map: sampled bilinearly (exact at whole-pixel offsets), mirrored for a
+    flipped crop. An approximation of the maps a network computes on the crop itself: near the crop's border that
+    network sees its padding where the uncropped image had pixels, a stride-s layer at an offset that is not a
+    multiple of s pools other windows, and the map of a mirrored image is only about the mirror of its map. What it
+    buys: the frozen source network's maps of every anchor are computed once at load size instead of a forward of
+    each step's crops (``adapt.anchor_crops``; issue 18)."""
+    n, layers, d = maps.shape
+    full = math.isqrt(d)
+    if full * full != d or crops.shape != (n, 3):
+        raise ValueError(f"crop_attention_maps: expected square maps (N, L, H*H) and (N, 3) crops, got "
+                         f"{tuple(maps.shape)} and {tuple(crops.shape)}")
+    crops = crops.to(maps.device)
+    scale = size / side
+    offsets = torch.arange(side, device=maps.device, dtype=maps.dtype)
+    ys = crops[:, :1].to(maps.dtype) / scale + offsets
+    xs = crops[:, 1:2].to(maps.dtype) / scale + offsets
+    xs = torch.where(crops[:, 2:3].bool(), xs.flip(1), xs)
+    # grid_sample's coordinates run from -1 to 1 over the pixel centres (align_corners); past the last one: border
+    to_unit = 2.0 / max(full - 1, 1)
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :] * to_unit - 1, ys[:, :, None] * to_unit - 1), dim=-1)
+    cropped = F.grid_sample(maps.view(n, layers, full, full), grid, mode="bilinear", padding_mode="border",
+                            align_corners=True)
+    return F.normalize(cropped.flatten(2), p=2, dim=2, eps=_EPS)
 
 
 def _check_spatial(features: torch.Tensor) -> None:

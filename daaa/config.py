@@ -190,6 +190,11 @@ class AdaptConfig:
     eval_interval: int = 100
     checkpoint_interval: int = 200
     cache_source_attention: bool = True  # reuse the frozen source net's maps of fixed inputs (off when augmenting)
+    # with data.augment, the frozen source net's maps of an anchor cropped like its paired row: "forward" runs the net
+    # on each step's crops (Eq. 5 as written); "cached" computes its maps of every uncropped anchor once at load size
+    # and crops the maps (daaa.attention.crop_attention_maps: approximate at the borders and at sub-stride offsets;
+    # needs cache_source_attention and room in data.cache_bytes, else "forward" with a log line). Not in the paper
+    anchor_crops: Literal["forward", "cached"] = "forward"
     init_from_source: bool = True  # the target network starts from the fine-tuned source network
 
 

@@ -39,6 +39,47 @@ def test_paired_rows_share_crops_so_the_source_net_takes_each_anchor_once(tmp_pa
     assert rows == [n["S"] + n["T"]] and sum(n.values()) > rows[0]
 
 
+def test_cached_anchor_crops_run_no_frozen_forward_and_pair_the_right_anchors(tmp_path):
+    """adapt.anchor_crops=cached: the frozen source net's maps of the uncropped anchors are computed once and each
+    step crops them (no forward of it in a step). Where a crop is the whole image, unflipped (load size = image
+    size), that is Eq. 5 exactly: the same L_AT as the per-step forward, step by step -- so every pair gets its own
+    anchor (S image, or S_f image indexed by its target image) from the cache."""
+    losses = {}
+    for mode in ("forward", "cached"):
+        cfg = load_config("smoke", ["data.augment=true", "data.flip=false", "data.load_size=32", "adapt.batch_size=20",
+                                    f"adapt.anchor_crops={mode}"])
+        trainer = bench.daaa_trainer(cfg, bench.synthetic_data(cfg), CPU, tmp_path, mode)
+        calls = []
+        hook = trainer.source_net.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        losses[mode] = [trainer.step(step)["L_AT"] for step in range(3)]
+        hook.remove()
+        assert (trainer.anchor_sides is not None) == (mode == "cached") and bool(calls) == (mode == "forward")
+    assert losses["cached"] == pytest.approx(losses["forward"], rel=1e-5) and min(losses["cached"]) > 0
+    # with 36-px images: the crops' maps are read off 36-px maps, at every aligned layer
+    cfg = load_config("smoke", ["data.augment=true", "data.load_size=36", "adapt.anchor_crops=cached"])
+    trainer = bench.daaa_trainer(cfg, bench.synthetic_data(cfg), CPU, tmp_path, "cached36")
+    assert [m.shape[-1] for m in trainer.source_maps] == [36 * 36, 18 * 18, 9 * 9]
+    assert trainer.anchor_sides == [32, 16, 8] and trainer.step(0)["L_AT"] > 0
+
+
+def test_cached_anchor_crops_fall_back_to_the_forward_for_a_net_of_one_input_size(tmp_path, caplog):
+    cfg = load_config("smoke", ["data.augment=true", "data.load_size=36", "adapt.anchor_crops=cached"])
+    trainer = bench.daaa_trainer(cfg, bench.synthetic_data(cfg), CPU, tmp_path, "fixed-size")
+    forward = trainer.source_net.forward
+
+    def one_size(x):  # as a ViT with fixed position embeddings
+        assert x.shape[-1] == cfg.data.image_size, f"Input width ({x.shape[-1]}) doesn't match model"
+        return forward(x)
+
+    trainer.source_net.forward = one_size
+    trainer.anchor_sides = None
+    with caplog.at_level("WARNING", logger="daaa"):
+        assert trainer._source_map_cache() is None
+    assert "anchor_crops=cached" in caplog.text and "36-px" in caplog.text
+    trainer.source_maps = None
+    assert trainer.step(0)["L_AT"] > 0  # the anchors' crops through the net, as with anchor_crops=forward
+
+
 def test_anchors_that_are_batch_rows_are_not_prepared_again(tmp_path, monkeypatch):
     """The S rows and the S_f rows are their own anchors (same image, same crop): the frozen source net takes them
     from the prepared batch; only the T rows whose S_f is not a row are decoded, cropped and normalised again."""

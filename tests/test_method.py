@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from daaa import AttentionAlignmentLoss, FeatureRecorder, attention_map
-from daaa.attention import _NormalisedEnergy, grouped_attention_maps
+from daaa.attention import _NormalisedEnergy, crop_attention_maps, grouped_attention_maps
 from daaa.batches import MixedBatchSampler, stream_counts
 from daaa.em import PosteriorNetwork, confidence_mask, em_loss
 from daaa.models import DigitCNN
@@ -88,6 +88,34 @@ def test_grouped_maps_equal_the_layers_maps_and_their_loss():
     assert torch.autograd.gradcheck(_NormalisedEnergy.apply, tuple(double))  # one node, two layers
     low = src[0].bfloat16()  # bf16 features: summed in float32 without a float32 copy, as attention_map always did
     torch.testing.assert_close(attention_map(low), attention_map(low.float()), rtol=0, atol=0)
+
+
+def test_cropped_maps_of_uncropped_images_are_the_crops_maps_where_the_net_commutes_with_cropping():
+    """adapt.anchor_crops=cached: crop_attention_maps on the maps of uncropped images gives the maps of the crops
+    (flipped or not) exactly for a network that commutes with cropping -- pointwise convolutions, and a stride-2 pool
+    at even offsets -- so the offsets, the scale per layer and the mirroring are right."""
+    from daaa.data.transforms import random_crop_flip
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 5, 1), nn.Tanh(), nn.AvgPool2d(2), nn.Conv2d(5, 6, 1))
+    images = torch.randn(6, 3, 12, 12)
+    crops = torch.tensor([[0, 0, 0], [2, 4, 1], [4, 2, 0], [2, 2, 1], [0, 4, 0], [4, 0, 1]])
+    with FeatureRecorder(net, ["0", "3"]) as rec, torch.no_grad():
+        net(images)
+        uncropped = grouped_attention_maps(rec.features)
+        net(random_crop_flip(images, 8, crops))
+        exact = grouped_attention_maps(rec.features)
+    assert [tuple(m.shape) for m in uncropped] == [(6, 1, 144), (6, 1, 36)]
+    for full, want, side in zip(uncropped, exact, (8, 4)):
+        torch.testing.assert_close(crop_attention_maps(full, crops, 8, side), want)
+    # an offset that is not a multiple of the layer's stride: read between its pixels (bilinear, exact on a plane)
+    ys, xs = torch.meshgrid(torch.arange(6.0), torch.arange(6.0), indexing="ij")
+    plane = (1 + xs + 10 * ys).reshape(1, 1, 36)
+    got = crop_attention_maps(plane, torch.tensor([[1, 3, 0]]), 8, 4)
+    ys, xs = torch.meshgrid(torch.arange(4.0) + 0.5, torch.arange(4.0) + 1.5, indexing="ij")
+    torch.testing.assert_close(got, F.normalize((1 + xs + 10 * ys).reshape(1, 1, 16), dim=2))
+    with pytest.raises(ValueError, match="square"):
+        crop_attention_maps(torch.ones(2, 1, 10), crops[:2], 8, 2)
 
 
 def test_attention_map_gradient_equals_autograd_of_eq4_and_normalisation():

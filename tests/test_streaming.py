@@ -188,12 +188,16 @@ def test_prefetched_streamed_training_equals_in_memory(tmp_path, monkeypatch, ov
 
 def test_prefetch_reads_anchors_only_on_steps_that_compute_L_AT(tmp_path):
     """A beta = 0 row logs L_AT on every adapt.attention_log_interval-th step only: the workers decode the anchors
-    of Eq. 5 for those steps and not for the others."""
+    of Eq. 5 for those steps and not for the others; with the anchors' maps cached, on none."""
     from daaa.data.streaming import step_rows
 
     cfg = load_config("smoke", ["adapt.beta=0", "adapt.attention_log_interval=3"])
     data = bench.synthetic_data(cfg)
-    lazy = bench.daaa_trainer(cfg, _streamed(data, tmp_path), CPU, tmp_path, "lazy")
+    streamed = _streamed(data, tmp_path)
+    cached = bench.daaa_trainer(cfg, streamed, CPU, tmp_path, "cached")
+    assert cached.source_maps is not None and cached.sampler.anchors is None
+    cfg.adapt.cache_source_attention = False
+    lazy = bench.daaa_trainer(cfg, streamed, CPU, tmp_path, "lazy")
     sampler = lazy.sampler
     assert isinstance(sampler, PrefetchingSampler)
     for step in range(6):

@@ -6,12 +6,15 @@ One trainer covers the paper's rows and ablations by configuration (:class:`daaa
 training is the same trainer with ``train_data="S"`` and ``beta=0``.
 
 What cannot change between syncs is computed once: the frozen source network's normalised attention maps of the
-fixed anchor images (S and S_f; Eq. 5 only ever feeds those to the source net) and M_post's posteriors of T. The four
-streams go through the target network in one batched forward.
+fixed anchor images (S and S_f; Eq. 5 only ever feeds those to the source net) and M_post's posteriors of T. With
+random crops the anchors change every step: the source net then runs on each step's cropped anchors, or
+(``adapt.anchor_crops="cached"``) its maps of the uncropped anchors are computed once and cropped like the step's rows.
+The four streams go through the target network in one batched forward.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -21,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attention import AttentionAlignmentLoss, FeatureRecorder
+from ..attention import AttentionAlignmentLoss, FeatureRecorder, crop_attention_maps
 from ..batches import MixedBatch, MixedBatchSampler
 from ..config import AdaptConfig, DataConfig
 from ..data.domain import DomainData
@@ -106,10 +109,6 @@ class DAAATrainer(Trainer):
         self.sampler = MixedBatchSampler(len(data.source), len(data.target) if data.target is not None else 1,
                                          spec.batch_size, spec.proportions, spec.train_data, seed, ctx.rank,
                                          ctx.world_size)
-        # streamed data sets: DataLoader workers decode the images of the coming steps ahead (the batches and their
-        # pairing stay the sampler's, a function of (seed, step); each rank decodes its own rows)
-        self.sampler = prefetching(self.sampler, data, spec.steps, data_cfg.num_workers,
-                                   spec.target_anchors if source_net is not None else None, self.computes_attention)
         self.global_batch = spec.batch_size
         self.uses_em = bool(self.streams & {"T", "Sf"})
         self.posterior_net = PosteriorNetwork(self.net, spec.sync_interval)
@@ -121,14 +120,22 @@ class DAAATrainer(Trainer):
         # Eq. 4's F_l of each aligned layer, read where adapt.attention_tap says (a ViT: one line, no layer)
         self.layers = attention_taps(self.net, spec.attention_tap) if source_net is not None else []
         self.source_maps: list[torch.Tensor] | None = None  # per group of layers: the maps of S, then those of S_f
+        # with crops: those maps are of the uncropped images, and a crop's map has anchor_sides[g] pixels a side
+        self.anchor_sides: list[int] | None = None
         # runtime.cuda_graphs: the anchors' frozen forward as a captured graph (None: not yet; False: cannot be)
         self._graphed: GraphedForward | bool | None = None
         if source_net is not None:
             self.source_net = source_net.to(ctx.device).eval().requires_grad_(False)
             if ctx.channels_last:
                 self.source_net = self.source_net.to(memory_format=torch.channels_last)
-            if spec.cache_source_attention and not data_cfg.augment:
+            if spec.cache_source_attention and (not data_cfg.augment or spec.anchor_crops == "cached"):
                 self.source_maps = self._source_map_cache()
+        # streamed data sets: DataLoader workers decode the images of the coming steps ahead (the batches and their
+        # pairing stay the sampler's, a function of (seed, step); each rank decodes its own rows), Eq. 5's anchors
+        # too unless their maps are cached
+        reads_anchors = source_net is not None and self.source_maps is None
+        self.sampler = prefetching(self.sampler, data, spec.steps, data_cfg.num_workers,
+                                   spec.target_anchors if reads_anchors else None, self.computes_attention)
         self.init_average()
 
     # ------------------------------------------------------------------ inputs
@@ -147,10 +154,13 @@ class DAAATrainer(Trainer):
 
     # ------------------------------------------------------------------ caches of what cannot change
     @torch.no_grad()
-    def _maps_of(self, net: nn.Module, images: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
+    def _maps_of(self, net: nn.Module, images: torch.Tensor, batch_size: int = 256,
+                 uncropped: bool = False) -> list[torch.Tensor]:
         """Normalised attention maps of ``images`` through ``net`` at every aligned layer, stacked by size
-        (:meth:`AttentionAlignmentLoss.grouped_maps`), on this rank's device."""
-        parts = [self._grouped_maps(net, prepare(images[i:i + batch_size], self.data_cfg, device=self.ctx.device,
+        (:meth:`AttentionAlignmentLoss.grouped_maps`), on this rank's device; of the images centre-cropped to
+        ``data.image_size`` as evaluated, or ``uncropped`` (at the size they were loaded)."""
+        cfg = dataclasses.replace(self.data_cfg, image_size=images.shape[-1]) if uncropped else self.data_cfg
+        parts = [self._grouped_maps(net, prepare(images[i:i + batch_size], cfg, device=self.ctx.device,
                                                  channels_last=self.ctx.channels_last))
                  for i in range(0, images.shape[0], batch_size)]
         return [torch.cat(group) for group in zip(*parts)]
@@ -163,12 +173,28 @@ class DAAATrainer(Trainer):
 
     def _source_map_cache(self) -> list[torch.Tensor] | None:
         """The frozen source net's maps of every S and S_f image (the anchors of Eq. 5), computed once; per group
-        of layers one tensor, S_f image j at row len(S) + j, so a step's anchors are one lookup per group.
+        of layers one tensor, S_f image j at row len(S) + j, so a step's anchors are one lookup per group. With
+        ``data.augment`` (``adapt.anchor_crops="cached"``), the maps of the uncropped images, which each step crops.
 
         None when they do not fit what ``data.cache_bytes`` leaves beside the decoded images and M_post's posteriors
-        (N_T x K floats, always kept: small): each step's anchors then go through the source net."""
+        (N_T x K floats, always kept: small), or when the maps of uncropped images do not correspond layer by layer
+        to those of crops: each step's anchors then go through the source net."""
         sets = (self.data.source.images, self.data.synthetic_source)
-        per_image = sum(m[0].numel() * m.element_size() for m in self._maps_of(self.source_net, sets[0][:1]))
+        uncropped = self.data_cfg.augment
+        try:
+            probe = self._maps_of(self.source_net, sets[0][:1], uncropped=uncropped)
+        except (RuntimeError, ValueError, AssertionError) as e:  # e.g. a ViT's fixed input size
+            if not uncropped:
+                raise
+            LOG.warning("%s: adapt.anchor_crops=cached: the source net does not take the uncropped %d-px images (%s); "
+                        "the anchors' crops go through it at each step", self.desc, sets[0].shape[-1],
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return None
+        if uncropped:
+            self.anchor_sides = self._crop_sides(probe)
+            if self.anchor_sides is None:
+                return None
+        per_image = sum(m[0].numel() * m.element_size() for m in probe)
         need = per_image * (len(sets[0]) + len(sets[1]))
         posteriors = 4 * len(self.data.target) * self.data.num_classes if self.uses_em else 0
         room = cache_room(self.data_cfg, self.data) - posteriors
@@ -176,9 +202,25 @@ class DAAATrainer(Trainer):
             LOG.info("%s: the source net's attention maps (%.0f MiB) exceed what is left of data.cache_bytes "
                      "(%.0f MiB): computed at each step", self.desc, need / 2 ** 20, max(room, 0) / 2 ** 20)
             return None
-        parts = [self._maps_of(self.source_net, batch) for images in sets for _, batch in scan(images, 256)]
+        parts = [self._maps_of(self.source_net, batch, uncropped=uncropped)
+                 for images in sets for _, batch in scan(images, 256)]
         return [torch.cat(layer) for layer in zip(*parts)]
 
+    def _crop_sides(self, uncropped: list[torch.Tensor]) -> list[int] | None:
+        """Per group of layers, the side of a crop's map, checked against the maps of an uncropped image
+        (``uncropped``): the same groups, each about load_size / image_size times larger. None (with a warning)
+        when they do not correspond, e.g. a network that takes one input size only."""
+        load, size = self.data.source.images.shape[-1], self.data_cfg.image_size
+        cropped = self._maps_of(self.source_net, self.data.source.images[:1])
+        sides = [math.isqrt(m.shape[-1]) for m in cropped]
+        fulls = [math.isqrt(m.shape[-1]) for m in uncropped]
+        if (len(cropped) != len(uncropped) or any(c.shape[1] != u.shape[1] for c, u in zip(cropped, uncropped))
+                or any(s * s != c.shape[-1] or abs(f - s * load / size) > 1 for s, f, c in zip(sides, fulls, cropped))):
+            LOG.warning("%s: adapt.anchor_crops=cached: the source net's maps of %d-px images do not correspond to "
+                        "those of its %d-px crops (map sides %s vs %s); the anchors' crops go through it at each "
+                        "step", self.desc, load, size, fulls, sides)
+            return None
+        return sides
     @torch.no_grad()
     def _refresh_posteriors(self) -> None:
         """p_post(z | x^T) of every real target image (Eq. 8-10), recomputed only when M_post is synced."""
@@ -334,12 +376,20 @@ class DAAATrainer(Trainer):
                      sf_idx: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The source net's maps of the pairs' anchor images -- S[src_idx], then S_f[sf_idx] (an S_f image is
         indexed by its real target image, so a T row's anchor needs no S_f row) -- as (maps, index): maps stacked by
-        size (:meth:`AttentionAlignmentLoss.grouped_maps`), pair k's anchor maps at row ``index[k]`` of each. From
-        the cache, or one frozen forward of each distinct (image, crop) when the images are augmented (the anchor is
-        cropped like its paired row, so the T_f and S_f rows' anchors are those of the S and T rows)."""
+        size (:meth:`AttentionAlignmentLoss.grouped_maps`), pair k's anchor maps at row ``index[k]`` of each. The
+        anchor is cropped like its paired row when the images are augmented (so the T_f and S_f rows' anchors are
+        those of the S and T rows). From the cache (with crops: each pair's crop read off the uncropped anchor's
+        maps, ``adapt.anchor_crops="cached"``), else one frozen forward of each distinct (image, crop)."""
         device = self.ctx.device
         if self.source_maps is not None:
-            return self.source_maps, torch.cat([src_idx, sf_idx + len(self.data.source)]).to(device)
+            anchor_of_pair = torch.cat([src_idx, sf_idx + len(self.data.source)]).to(device)
+            if self.anchor_sides is None:
+                return self.source_maps, anchor_of_pair
+            # maps of the uncropped anchors, cropped like each pair's row
+            crop = crops[target_rows]
+            return ([crop_attention_maps(m[anchor_of_pair], crop, self.data_cfg.image_size, side)
+                     for m, side in zip(self.source_maps, self.anchor_sides)],
+                    torch.arange(len(target_rows), device=device))
         which = torch.cat([torch.zeros_like(src_idx), torch.ones_like(sf_idx)])
         crop = crops[target_rows] if crops is not None else torch.zeros(len(which), 3, dtype=torch.long)
         key = torch.cat([which[:, None], torch.cat([src_idx, sf_idx])[:, None], crop], dim=1)
