@@ -56,6 +56,10 @@ if [ "$mode" = step ]; then
     bench office31-bf16-eager bf16 100 --stages source_only,daaa --set runtime.cuda_graphs=false
     timeout "$(left 90)" python3 benchmarks/step_probes.py gpu_profile >"$res/profile-office31-bf16.txt" 2>&1
     step "profile of the DAAA step (bf16)" $?; grep "=====" "$res/profile-office31-bf16.txt"
+    # as time allows: the anchors' maps read off the cached maps of the uncropped images (digits-cpu's setting; with
+    # office31's flips an approximation, not its preset)
+    bench office31-bf16-cached-anchors bf16 60 --stages source_only,daaa --set adapt.anchor_crops=cached \
+        --set adapt.cache_source_attention=true
     exit 0
 fi
 bench office31-bf16 bf16 150

@@ -6,6 +6,7 @@
     python3 benchmarks/step_probes.py profile         # torch.profiler of 10 source-only and 10 DAAA bench steps
     python3 benchmarks/step_probes.py gpu_profile     # the same at office31's shapes on CUDA in bf16 (gpu.sh)
     python3 benchmarks/step_probes.py floor [R]       # source-only step, + the anchors' frozen forward, + L_AT, DAAA step
+                                                      # (floor, int8, compile, overlap: adapt.anchor_crops=forward)
     python3 benchmarks/step_probes.py int8 [R]        # the anchors' frozen forward in fp32 vs eager int8 quantization
     python3 benchmarks/step_probes.py compile [R]     # a plain step and an L_AT step, eager vs torch.compile
     python3 benchmarks/step_probes.py overlap [R]     # the anchors' frozen forward in a second thread, beside the target's
@@ -105,6 +106,10 @@ def groupnorm() -> None:
     _time(lambda: model.training_step(xs, xt), "batch 32, group norm")
 
 
+# the probes of the frozen forward that Eq. 5 needs with crops (digits-cpu itself reads cached maps since issue 18)
+EXACT_ANCHORS = ("adapt.anchor_crops=forward",)
+
+
 def _trainers(preset: str = "digits-cpu", device: str = "cpu", overrides: tuple[str, ...] = ()):
     """The bench's source-only and DAAA trainers of ``preset`` (default ``digits-cpu``), the DAAA one past its first
     M_post sync (EM active, as in `daaa bench`)."""
@@ -167,7 +172,7 @@ def _alignment_step_parts():
 
     from daaa.attention import attention_map, pair_distances
 
-    cfg, _, daaa, first = _trainers()
+    cfg, _, daaa, first = _trainers(overrides=EXACT_ANCHORS)
     x = _first_batch(cfg, daaa, first)[2]
     y = torch.randint(0, 10, (len(x),), generator=torch.Generator().manual_seed(0))
     anchors, pair_of = x[:44].clone(), torch.cat([torch.arange(44), torch.arange(20)])
@@ -321,7 +326,7 @@ def floor(rounds: int = 15) -> None:
     rounds of 5 steps; prints the medians and the median ratios to the source-only step."""
     from daaa.attention import FeatureRecorder
 
-    cfg, source_only, daaa, first = _trainers()
+    cfg, source_only, daaa, first = _trainers(overrides=EXACT_ANCHORS)
     batch, crops, x = _first_batch(cfg, daaa, first)
     rows, src_idx, sf_idx = batch.anchor_rows(cfg.adapt.target_anchors)
     step = {"source_only": 10, "daaa": first + 10}
@@ -369,7 +374,7 @@ def int8(rounds: int = 3) -> None:
 
     from daaa.attention import attention_map
 
-    cfg, _, daaa, first = _trainers()
+    cfg, _, daaa, first = _trainers(overrides=EXACT_ANCHORS)
     x = _first_batch(cfg, daaa, first)[2][:44]
     net = daaa.source_net.eval()
 

@@ -84,14 +84,13 @@ def crop_attention_maps(maps: torch.Tensor, crops: torch.Tensor, size: int, side
         raise ValueError(f"crop_attention_maps: expected square maps (N, L, H*H) and (N, 3) crops, got "
                          f"{tuple(maps.shape)} and {tuple(crops.shape)}")
     crops = crops.to(maps.device)
-    scale = size / side
-    offsets = torch.arange(side, device=maps.device, dtype=maps.dtype)
-    ys = crops[:, :1].to(maps.dtype) / scale + offsets
-    xs = crops[:, 1:2].to(maps.dtype) / scale + offsets
-    xs = torch.where(crops[:, 2:3].bool(), xs.flip(1), xs)
-    # grid_sample's coordinates run from -1 to 1 over the pixel centres (align_corners); past the last one: border
+    # grid_sample's coordinates run from -1 to 1 over the pixel centres (align_corners); past the last one: border.
+    # Few operations on purpose: this runs at every step, on small tensors (issue 18)
     to_unit = 2.0 / max(full - 1, 1)
-    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :] * to_unit - 1, ys[:, :, None] * to_unit - 1), dim=-1)
+    first = torch.arange(side, device=maps.device, dtype=maps.dtype).mul_(to_unit).sub_(1.0)  # offset 0's pixels
+    ys, xs = torch.add(first, crops[:, :2, None].to(maps.dtype), alpha=to_unit * side / size).unbind(1)
+    xs = torch.where(crops[:, 2:3].bool(), xs.flip(1), xs)
+    grid = torch.stack((xs[:, None, :].expand(n, side, side), ys[:, :, None].expand(n, side, side)), dim=-1)
     cropped = F.grid_sample(maps.view(n, layers, full, full), grid, mode="bilinear", padding_mode="border",
                             align_corners=True)
     return F.normalize(cropped.flatten(2), p=2, dim=2, eps=_EPS)
@@ -179,6 +178,11 @@ class FeatureRecorder:
         if missing:
             raise RuntimeError(f"FeatureRecorder: layer(s) {missing} produced no output in the model's last forward")
         return [self._slots[n] for n in self.layers]
+
+    @property
+    def complete(self) -> bool:
+        """Whether every layer has produced its output in the current forward."""
+        return len(self._slots) == len(self.layers)
 
     def clear(self) -> None:
         self._slots.clear()

@@ -55,11 +55,14 @@ def test_cached_anchor_crops_run_no_frozen_forward_and_pair_the_right_anchors(tm
         hook.remove()
         assert (trainer.anchor_sides is not None) == (mode == "cached") and bool(calls) == (mode == "forward")
     assert losses["cached"] == pytest.approx(losses["forward"], rel=1e-5) and min(losses["cached"]) > 0
-    # with 36-px images: the crops' maps are read off 36-px maps, at every aligned layer
-    cfg = load_config("smoke", ["data.augment=true", "data.load_size=36", "adapt.anchor_crops=cached"])
-    trainer = bench.daaa_trainer(cfg, bench.synthetic_data(cfg), CPU, tmp_path, "cached36")
-    assert [m.shape[-1] for m in trainer.source_maps] == [36 * 36, 18 * 18, 9 * 9]
+    # with 40-px images: the crops' maps are read off 40-px maps, at every aligned layer (the digit CNN's head takes
+    # 32 px only: the uncropped images' forward stops after its last aligned layer)
+    cfg = load_config("smoke", ["data.augment=true", "data.load_size=40", "adapt.anchor_crops=cached"])
+    trainer = bench.daaa_trainer(cfg, bench.synthetic_data(cfg), CPU, tmp_path, "cached40")
+    assert [m.shape[-1] for m in trainer.source_maps] == [40 * 40, 20 * 20, 10 * 10]
     assert trainer.anchor_sides == [32, 16, 8] and trainer.step(0)["L_AT"] > 0
+    with pytest.raises(RuntimeError):
+        trainer.source_net(torch.zeros(1, 3, 40, 40))
 
 
 def test_cached_anchor_crops_fall_back_to_the_forward_for_a_net_of_one_input_size(tmp_path, caplog):

@@ -56,6 +56,10 @@ def unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows[first], inverse
 
 
+class _AllRecorded(Exception):
+    """Ends a forward whose remaining layers are not needed (:meth:`DAAATrainer._grouped_maps`)."""
+
+
 class GraphedForward:
     """``fn`` (a no-grad function of one image batch, returning tensors) replayed as one CUDA graph for batches of
     up to ``rows`` images: the frozen source net's forward on the anchors and their maps (``runtime.cuda_graphs``).
@@ -161,14 +165,32 @@ class DAAATrainer(Trainer):
         ``data.image_size`` as evaluated, or ``uncropped`` (at the size they were loaded)."""
         cfg = dataclasses.replace(self.data_cfg, image_size=images.shape[-1]) if uncropped else self.data_cfg
         parts = [self._grouped_maps(net, prepare(images[i:i + batch_size], cfg, device=self.ctx.device,
-                                                 channels_last=self.ctx.channels_last))
+                                                 channels_last=self.ctx.channels_last), stop_early=uncropped)
                  for i in range(0, images.shape[0], batch_size)]
         return [torch.cat(group) for group in zip(*parts)]
 
-    def _grouped_maps(self, net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-        """``net``'s normalised maps of the prepared batch ``x`` at the aligned layers, stacked by size."""
+    def _grouped_maps(self, net: nn.Module, x: torch.Tensor, stop_early: bool = False) -> list[torch.Tensor]:
+        """``net``'s normalised maps of the prepared batch ``x`` at the aligned layers, stacked by size;
+        ``stop_early``: the forward stops once every aligned layer is recorded (a head that takes only the training
+        size, as the digit CNN's, is then never reached by an uncropped image)."""
         with FeatureRecorder(net, self.layers) as rec, self.ctx.autocast():
-            net(x)
+            if not stop_early:
+                net(x)
+                return self.alignment.grouped_maps(rec.features)
+
+            def stop(*_: Any) -> None:
+                if rec.complete:
+                    raise _AllRecorded
+
+            modules = dict(net.named_modules())
+            handles = [modules[name].register_forward_hook(stop) for name in rec.layers]
+            try:
+                net(x)
+            except _AllRecorded:
+                pass
+            finally:
+                for handle in handles:
+                    handle.remove()
             return self.alignment.grouped_maps(rec.features)
 
     def _source_map_cache(self) -> list[torch.Tensor] | None:
