@@ -86,9 +86,8 @@ def crop_attention_maps(maps: torch.Tensor, crops: torch.Tensor, size: int, side
     crops = crops.to(maps.device)
     # grid_sample's coordinates run from -1 to 1 over the pixel centres (align_corners); past the last one: border.
     # Few operations on purpose: this runs at every step, on small tensors (issue 18)
-    to_unit = 2.0 / max(full - 1, 1)
-    first = torch.arange(side, device=maps.device, dtype=maps.dtype).mul_(to_unit).sub_(1.0)  # offset 0's pixels
-    ys, xs = torch.add(first, crops[:, :2, None].to(maps.dtype), alpha=to_unit * side / size).unbind(1)
+    to_unit, offsets = 2.0 / max(full - 1, 1), torch.arange(side, device=maps.device, dtype=maps.dtype)
+    ys, xs = ((crops[:, :2, None].to(maps.dtype) / (size / side) + offsets) * to_unit - 1).unbind(1)
     xs = torch.where(crops[:, 2:3].bool(), xs.flip(1), xs)
     grid = torch.stack((xs[:, None, :].expand(n, side, side), ys[:, :, None].expand(n, side, side)), dim=-1)
     cropped = F.grid_sample(maps.view(n, layers, full, full), grid, mode="bilinear", padding_mode="border",
