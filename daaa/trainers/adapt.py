@@ -223,6 +223,7 @@ class DAAATrainer(Trainer):
         if need > room:
             LOG.info("%s: the source net's attention maps (%.0f MiB) exceed what is left of data.cache_bytes "
                      "(%.0f MiB): computed at each step", self.desc, need / 2 ** 20, max(room, 0) / 2 ** 20)
+            self.anchor_sides = None
             return None
         parts = [self._maps_of(self.source_net, batch, uncropped=uncropped)
                  for images in sets for _, batch in scan(images, 256)]
@@ -236,13 +237,16 @@ class DAAATrainer(Trainer):
         cropped = self._maps_of(self.source_net, self.data.source.images[:1])
         sides = [math.isqrt(m.shape[-1]) for m in cropped]
         fulls = [math.isqrt(m.shape[-1]) for m in uncropped]
-        if (len(cropped) != len(uncropped) or any(c.shape[1] != u.shape[1] for c, u in zip(cropped, uncropped))
-                or any(s * s != c.shape[-1] or abs(f - s * load / size) > 1 for s, f, c in zip(sides, fulls, cropped))):
+        same_groups = len(cropped) == len(uncropped) and all(c.shape[1] == u.shape[1]
+                                                             for c, u in zip(cropped, uncropped))
+        scaled = all(s * s == c.shape[-1] and abs(f - s * load / size) <= 1 for s, f, c in zip(sides, fulls, cropped))
+        if not (same_groups and scaled):
             LOG.warning("%s: adapt.anchor_crops=cached: the source net's maps of %d-px images do not correspond to "
                         "those of its %d-px crops (map sides %s vs %s); the anchors' crops go through it at each "
                         "step", self.desc, load, size, fulls, sides)
             return None
         return sides
+
     @torch.no_grad()
     def _refresh_posteriors(self) -> None:
         """p_post(z | x^T) of every real target image (Eq. 8-10), recomputed only when M_post is synced."""
