@@ -174,16 +174,12 @@ class DAAATrainer(Trainer):
         ``stop_early``: the forward stops once every aligned layer is recorded (a head that takes only the training
         size, as the digit CNN's, is then never reached by an uncropped image)."""
         with FeatureRecorder(net, self.layers) as rec, self.ctx.autocast():
-            if not stop_early:
-                net(x)
-                return self.alignment.grouped_maps(rec.features)
-
             def stop(*_: Any) -> None:
                 if rec.complete:
                     raise _AllRecorded
 
             modules = dict(net.named_modules())
-            handles = [modules[name].register_forward_hook(stop) for name in rec.layers]
+            handles = [modules[name].register_forward_hook(stop) for name in rec.layers] if stop_early else []
             try:
                 net(x)
             except _AllRecorded:
@@ -212,10 +208,9 @@ class DAAATrainer(Trainer):
                         "the anchors' crops go through it at each step", self.desc, sets[0].shape[-1],
                         str(e).splitlines()[0] if str(e) else type(e).__name__)
             return None
-        if uncropped:
-            self.anchor_sides = self._crop_sides(probe)
-            if self.anchor_sides is None:
-                return None
+        sides = self._crop_sides(probe) if uncropped else None
+        if uncropped and sides is None:
+            return None
         per_image = sum(m[0].numel() * m.element_size() for m in probe)
         need = per_image * (len(sets[0]) + len(sets[1]))
         posteriors = 4 * len(self.data.target) * self.data.num_classes if self.uses_em else 0
@@ -223,10 +218,10 @@ class DAAATrainer(Trainer):
         if need > room:
             LOG.info("%s: the source net's attention maps (%.0f MiB) exceed what is left of data.cache_bytes "
                      "(%.0f MiB): computed at each step", self.desc, need / 2 ** 20, max(room, 0) / 2 ** 20)
-            self.anchor_sides = None
             return None
         parts = [self._maps_of(self.source_net, batch, uncropped=uncropped)
                  for images in sets for _, batch in scan(images, 256)]
+        self.anchor_sides = sides  # set with the maps it describes
         return [torch.cat(layer) for layer in zip(*parts)]
 
     def _crop_sides(self, uncropped: list[torch.Tensor]) -> list[int] | None:
