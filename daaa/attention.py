@@ -48,22 +48,33 @@ def attention_map(features: torch.Tensor, kind: AttentionKind = "l2") -> torch.T
     return F.normalize(a.flatten(1), p=2, dim=1, eps=_EPS)
 
 
-def grouped_attention_maps(features: Sequence[torch.Tensor], kind: AttentionKind = "l2") -> list[torch.Tensor]:
+def grouped_attention_maps(features: Sequence[torch.Tensor], kind: AttentionKind = "l2",
+                           energies: bool = False) -> list[torch.Tensor]:
     """The maps of several layers, stacked by spatial size: (N, L_g, H*W) per group of the L_g layers whose maps
     have one size, groups in the order of their first layer. L_AT is a sum over layers (Eq. 5), so
-    :meth:`AttentionAlignmentLoss.from_maps` takes these groups as it takes single layers.
+    :meth:`AttentionAlignmentLoss.from_maps` takes these groups as it takes single layers. ``energies``: the inputs
+    are already Eq. 4's A_l (N, H, W), as :class:`FeatureRecorder` records them with ``energy=True``; only
+    normalised here.
 
     Why: ResNet-50 aligns 52 layers in 4 sizes; a few dozen small operations per layer (and as many autograd nodes)
     made the DAAA step launch-bound on a GPU (2.4x a plain step at batch 32). ``"l2"`` maps are computed group by
     group in one autograd node; the other kinds layer by layer (one layer per group)."""
+    if energies and kind != "l2":
+        raise ValueError(f"grouped_attention_maps: energies are Eq. 4's l2 maps, not {kind!r} ones")
     for f in features:
-        _check_spatial(f)
+        if energies and f.dim() < 2:
+            raise ValueError(f"grouped_attention_maps: expected energies (N, ...) with spatial dimensions, got "
+                             f"shape {tuple(f.shape)}")
+        if not energies:
+            _check_spatial(f)
     if kind != "l2":
         return [attention_map(f, kind).unsqueeze(1) for f in features]
+    first_spatial = 1 if energies else 2
     groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for f in features:
-        groups.setdefault(tuple(f.shape[2:]), []).append(f)
-    return [_NormalisedEnergy.apply(*group) for group in groups.values()]
+        groups.setdefault(tuple(f.shape[first_spatial:]), []).append(f)
+    node = _NormalisedMaps if energies else _NormalisedEnergy
+    return [node.apply(*group) for group in groups.values()]
 
 
 def crop_attention_maps(maps: torch.Tensor, crops: torch.Tensor, size: int, side: int) -> torch.Tensor:
@@ -104,42 +115,102 @@ def _check_spatial(features: torch.Tensor) -> None:
 _EPS = 1e-12  # F.normalize's: an all-zero map stays zero
 
 
+def _energy(features: torch.Tensor) -> torch.Tensor:
+    """Eq. 4, A = sum_c F_c^2: (N, C, ...) -> (N, ...), as a vector norm over channels squared -- one read of the
+    features, in float32 without a float32 copy of bf16 ones (float64 for float64 features). No autograd: the nodes
+    below hold its derivative, dA/dF_c = 2 F_c."""
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(features, ord=2, dim=1, dtype=dtype).square_()
+
+
+def _normalise(energy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 5's A_l / |A_l|_2 of same-sized maps stacked to (N, L, H*W), normalised in place: (maps, norms, which
+    norms were clamped)."""
+    norm = torch.linalg.vector_norm(energy, ord=2, dim=2, keepdim=True)
+    clamped = norm < _EPS  # F.normalize's eps: an all-zero map has no direction, its gradient is g / eps
+    norm = norm.clamp_min_(_EPS)
+    return energy.div_(norm), norm, clamped
+
+
+def _normalise_backward(maps: torch.Tensor, norm: torch.Tensor, clamped: torch.Tensor, grad: torch.Tensor,
+                        spatial: Sequence[int], scale: float = 1.0) -> torch.Tensor:
+    """dL/dA_l of :func:`_normalise` for m = A / s, s = |A|_2: (g - m <m, g>) / s, times ``scale``, as one
+    contiguous (L, N, *spatial) tensor (one copy for the group; layer l's slice is [l])."""
+    radial = (maps * grad).sum(dim=2, keepdim=True).masked_fill_(clamped, 0.0)
+    grad_energy = (grad - maps * radial).div_(norm)
+    if scale != 1.0:
+        grad_energy.mul_(scale)
+    n, layers = grad.shape[:2]
+    return grad_energy.transpose(0, 1).reshape(layers, n, *spatial)
+
+
 class _NormalisedEnergy(torch.autograd.Function):
     """A_l / |A_l|_2 with A_l = sum_c F_l,c^2 (Eq. 4 and the normalisation of Eq. 5) for layers l = 1..L of one
     spatial size, stacked to (N, L, H*W), as one autograd node.
 
-    Backward in one pass over each layer's features: with m = A / s, s = |A|_2, dL/dA = (g - m <m, g>) / s and
-    dL/dF_c = 2 F_c dL/dA. Autograd's own graph of these ops makes several passes over the largest activations of
-    the network and a dozen small nodes per layer; per layer, forward and backward are one operation each (a GPU
-    step at batch 32 waits on the launches of small operations: issue 18)."""
-
-    @staticmethod
-    def energy_roots(features: Sequence[torch.Tensor]) -> torch.Tensor:
-        """sqrt(A_l) of each layer, stacked to (N, L, H, W): a vector norm over channels reads the features once,
-        in float32 without a float32 copy of bf16 ones (float64 for float64 features)."""
-        dtype = torch.float64 if any(f.dtype == torch.float64 for f in features) else torch.float32
-        roots = [torch.linalg.vector_norm(f, ord=2, dim=1, dtype=dtype) for f in features]
-        return roots[0].unsqueeze(1) if len(roots) == 1 else torch.stack(roots, dim=1)
+    Backward in one pass over each layer's features: dL/dF_c = 2 F_c dL/dA (:func:`_normalise_backward`).
+    Autograd's own graph of these ops makes several passes over the largest activations of the network and a dozen
+    small nodes per layer; per layer, forward and backward are one operation each (a GPU step at batch 32 waits on
+    the launches of small operations: issue 18)."""
 
     @staticmethod
     def forward(ctx, *features: torch.Tensor) -> torch.Tensor:
-        energy = _NormalisedEnergy.energy_roots(features).flatten(2).square_()
-        norm = torch.linalg.vector_norm(energy, ord=2, dim=2, keepdim=True)
-        clamped = norm < _EPS  # F.normalize's eps: an all-zero map has no direction, its gradient is g / eps
-        norm = norm.clamp_min_(_EPS)
-        maps = energy.div_(norm)
+        energies = [_energy(f) for f in features]
+        maps, norm, clamped = _normalise((energies[0].unsqueeze(1) if len(energies) == 1
+                                          else torch.stack(energies, dim=1)).flatten(2))
         ctx.save_for_backward(maps, norm, clamped, *features)
         return maps
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         maps, norm, clamped, *features = ctx.saved_tensors
-        radial = (maps * grad).sum(dim=2, keepdim=True).masked_fill_(clamped, 0.0)
-        grad_energy = (grad - maps * radial).div_(norm).mul_(2.0)
-        n, layers = grad.shape[:2]
         # one (N, 1, H, W) slice per layer, in the features' dtype, made by one copy for the whole group
-        per_layer = grad_energy.transpose(0, 1).reshape(layers, n, 1, *features[0].shape[2:]).to(features[0].dtype)
+        per_layer = _normalise_backward(maps, norm, clamped, grad, (1, *features[0].shape[2:]), scale=2.0)
+        per_layer = per_layer.to(features[0].dtype)
         return tuple(f * g if needed else None for f, g, needed in zip(features, per_layer, ctx.needs_input_grad))
+
+
+class _NormalisedMaps(torch.autograd.Function):
+    """Eq. 5's normalisation of Eq. 4 energies A_l (N, H, W) of one spatial size, stacked to (N, L, H*W): the half of
+    :class:`_NormalisedEnergy` after the energies, for those :class:`_EnergyTap` took during the forward."""
+
+    @staticmethod
+    def forward(ctx, *energies: torch.Tensor) -> torch.Tensor:
+        maps, norm, clamped = _normalise(torch.stack(energies, dim=1).flatten(2))  # a copy: normalised in place
+        ctx.save_for_backward(maps, norm, clamped)
+        ctx.spatial = tuple(energies[0].shape[1:])
+        return maps
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        maps, norm, clamped = ctx.saved_tensors
+        return tuple(_normalise_backward(maps, norm, clamped, grad, ctx.spatial).unbind(0))
+
+
+class _EnergyTap(torch.autograd.Function):
+    """Eq. 4 taken from a layer's output on its way through the network: F -> (F, A = sum_c F_c^2).
+
+    Backward: dL/dF = (the network's own gradient of F) + 2 F dL/dA in one ``addcmul``, where a separate energy node
+    would write 2 F dL/dA to a new tensor of the features' size and autograd would then add the two (two more passes
+    over the largest activations, ~0.1 of a digit-CNN DAAA step on a CPU: issue 18). F passes on as a view, which
+    the network may not change in place (autograd refuses): :class:`FeatureRecorder` ``energy=True`` is for
+    networks that do not."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(features)
+        return features.view_as(features), _energy(features)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor | None, grad_energy: torch.Tensor | None) -> torch.Tensor | None:
+        (features,) = ctx.saved_tensors
+        if grad_energy is None:
+            return grad_out
+        grad_energy = grad_energy.unsqueeze(1).to(features.dtype)
+        if grad_out is None:
+            return features * grad_energy * 2.0
+        return torch.addcmul(grad_out, features, grad_energy, value=2.0)
 
 
 #: a layer to record: its name in ``named_modules()``, or (name, fn) to record ``fn(output)`` instead of its output
@@ -152,9 +223,15 @@ class FeatureRecorder:
 
     ``features`` holds the outputs of the last forward, in the order of ``layers`` (names, or (name, fn) pairs whose
     ``fn`` is applied to the output as it is recorded). A context manager, so the hooks never outlive their use.
+
+    ``energy=True`` records Eq. 4's A_l = sum_c F_l,c^2 (N, H, W) of each output instead (float32; float64 for
+    float64 features), for :func:`grouped_attention_maps` with ``energies=True``. A layer's own output then passes
+    on through a node whose backward adds 2 F dL/dA to the network's gradient in one operation (:class:`_EnergyTap`):
+    the cheapest backward of Eq. 4, but the network must not change that output in place (autograd raises if it
+    does).
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[Tap]):
+    def __init__(self, model: nn.Module, layers: Sequence[Tap], energy: bool = False):
         modules = dict(model.named_modules())
         taps = [(t, None) if isinstance(t, str) else tuple(t) for t in layers]
         missing = [n for n, _ in taps if n not in modules]
@@ -162,13 +239,21 @@ class FeatureRecorder:
             raise KeyError(f"model has no layer(s) {missing}")
         self._slots: dict[str, torch.Tensor] = {}
         self.layers = [n for n, _ in taps]
+        self.energy = energy
         self._handles = [modules[n].register_forward_hook(self._hook(n, fn)) for n, fn in taps]
         # each forward of the model starts empty: a layer it skipped is not read from an earlier forward
         self._handles.append(model.register_forward_pre_hook(lambda _m, _i: self._slots.clear()))
 
     def _hook(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor] | None):
-        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-            self._slots[name] = output if fn is None else fn(output)
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if not self.energy:
+                self._slots[name] = output if fn is None else fn(output)
+            elif fn is None:  # the output goes on through the tap (its return value replaces the layer's output)
+                output, self._slots[name] = _EnergyTap.apply(output)
+                return output
+            else:
+                self._slots[name] = _EnergyTap.apply(fn(output))[1]
+            return None
         return hook
 
     @property
@@ -248,10 +333,11 @@ class AttentionAlignmentLoss(nn.Module):
         """One normalised map (N, D) per layer (e.g. to look at them)."""
         return [attention_map(f, self.kind) for f in features]
 
-    def grouped_maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def grouped_maps(self, features: Sequence[torch.Tensor], energies: bool = False) -> list[torch.Tensor]:
         """The same maps stacked by size, (N, L_g, D) (:func:`grouped_attention_maps`): fewer, larger operations;
-        what :meth:`forward` uses."""
-        return grouped_attention_maps(features, self.kind)
+        what :meth:`forward` uses. ``energies``: ``features`` are Eq. 4's energies (``FeatureRecorder(energy=True)``,
+        ``kind="l2"`` only)."""
+        return grouped_attention_maps(features, self.kind, energies)
 
     def forward(self, source_features: Sequence[torch.Tensor], target_features: Sequence[torch.Tensor],
                 weights: torch.Tensor | None = None, source_are_maps: bool = False) -> torch.Tensor:

@@ -123,6 +123,8 @@ class DAAATrainer(Trainer):
         self.alignment = AttentionAlignmentLoss(spec.attention, spec.discrepancy, reduction="sum")
         # Eq. 4's F_l of each aligned layer, read where adapt.attention_tap says (a ViT: one line, no layer)
         self.layers = attention_taps(self.net, spec.attention_tap) if source_net is not None else []
+        # whether both networks' recorders take Eq. 4's energies on the way (FeatureRecorder(energy=True))
+        self.energy_taps = self._energy_taps_work()
         self.source_maps: list[torch.Tensor] | None = None  # per group of layers: the maps of S, then those of S_f
         # with crops: those maps are of the uncropped images, and a crop's map has anchor_sides[g] pixels a side
         self.anchor_sides: list[int] | None = None
@@ -156,6 +158,30 @@ class DAAATrainer(Trainer):
         if source_net is not None and (d.synthetic_target is None or d.synthetic_source is None):
             raise DaaaError("L_AT needs the synthetic target and synthetic source images (translate first)")
 
+    def _energy_taps_work(self) -> bool:
+        """Whether L_AT can read Eq. 4's energies as the layers' outputs pass by (``FeatureRecorder(energy=True)``:
+        the backward adds 2 F dL/dA to the network's gradient in one operation; issue 18): for l2 maps, on a
+        network that does not change an aligned layer's output in place (one image through it in eval mode tells,
+        where the first training forward would fail). Otherwise the features are recorded and mapped after."""
+        if self.spec.attention != "l2" or not self.layers:
+            return False
+        x = prepare(self.data.source.images[:1], self.data_cfg, device=self.ctx.device,
+                    channels_last=self.ctx.channels_last)
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            with torch.enable_grad(), FeatureRecorder(self.net, self.layers, energy=True), self.ctx.autocast():
+                self.net(x)
+        except RuntimeError as e:
+            if "inplace" not in str(e):
+                raise
+            LOG.info("%s: the network changes an aligned layer's output in place: L_AT maps its recorded features "
+                     "(a slower backward)", self.desc)
+            return False
+        finally:
+            self.net.train(was_training)
+        return True
+
     # ------------------------------------------------------------------ caches of what cannot change
     @torch.no_grad()
     def _maps_of(self, net: nn.Module, images: torch.Tensor, batch_size: int = 256,
@@ -173,7 +199,7 @@ class DAAATrainer(Trainer):
         """``net``'s normalised maps of the prepared batch ``x`` at the aligned layers, stacked by size;
         ``stop_early``: the forward stops once every aligned layer is recorded (a head that takes only the training
         size, as the digit CNN's, is then never reached by an uncropped image)."""
-        with FeatureRecorder(net, self.layers) as rec, self.ctx.autocast():
+        with FeatureRecorder(net, self.layers, energy=self.energy_taps) as rec, self.ctx.autocast():
             def stop(*_: Any) -> None:
                 if rec.complete:
                     raise _AllRecorded
@@ -187,7 +213,7 @@ class DAAATrainer(Trainer):
             finally:
                 for handle in handles:
                     handle.remove()
-            return self.alignment.grouped_maps(rec.features)
+            return self.alignment.grouped_maps(rec.features, energies=self.energy_taps)
 
     def _source_map_cache(self) -> list[torch.Tensor] | None:
         """The frozen source net's maps of every S and S_f image (the anchors of Eq. 5), computed once; per group
@@ -286,7 +312,8 @@ class DAAATrainer(Trainer):
         self.model.train()
         attention = self.computes_attention(step)
         # the aligned layers' features are recorded only by this forward (not by evaluation or EM-A's forwards)
-        with FeatureRecorder(self.net, self.layers if attention else []) as rec, self.ctx.autocast():
+        with FeatureRecorder(self.net, self.layers if attention else [], energy=self.energy_taps) as rec, \
+                self.ctx.autocast():
             logits = self.model(x).float()  # S | T_f | T | S_f
             features = rec.features
         sl = batch.slices()
@@ -369,8 +396,9 @@ class DAAATrainer(Trainer):
                        inputs: torch.Tensor | None = None) -> torch.Tensor:
         """L_AT, Eq. 5: the four pair terms over every aligned layer, between the frozen source network's maps of
         each pair's anchor and the target network's maps of the batch's rows (``target_features``: per aligned
-        layer, as recorded during :meth:`losses`' forward). Zero without a source network. ``inputs``: the batch as
-        the target network took it (anchors that are rows of it, the S and S_f rows, are not prepared again).
+        layer, as recorded during :meth:`losses`' forward; Eq. 4's energies with ``energy_taps``). Zero without a
+        source network. ``inputs``: the batch as the target network took it (anchors that are rows of it, the S and
+        S_f rows, are not prepared again).
 
         Which rows take part is :meth:`daaa.batches.MixedBatch.anchor_rows`: with ``target_anchors="all"`` (default)
         every real target row n has its fourth-term anchor G_TS(x^T_n), as Eq. 5's sum over n reads, also in the
@@ -385,7 +413,7 @@ class DAAATrainer(Trainer):
         with torch.set_grad_enabled(self.spec.beta > 0):  # computed and logged (Fig. 4) even when beta = 0
             # maps of the whole batch, then the paired rows: picking rows of the small maps rather than of the
             # conv features keeps each feature gradient one dense tensor (no scatter into zeros)
-            target_maps = self.alignment.grouped_maps(target_features)
+            target_maps = self.alignment.grouped_maps(target_features, energies=self.energy_taps)
             if len(rows) == len(target_maps[0]):  # every row is paired (term 4 on all T rows): Eq. 5 is a sum, so
                 # the anchors are put in row order instead (no gradient to route)
                 anchor_of_row = anchor_of_pair[torch.argsort(rows)]
