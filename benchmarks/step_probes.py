@@ -11,7 +11,6 @@
     python3 benchmarks/step_probes.py compile [R]     # a plain step and an L_AT step, eager vs torch.compile
     python3 benchmarks/step_probes.py overlap [R]     # the anchors' frozen forward in a second thread, beside the target's
     python3 benchmarks/step_probes.py opcount         # aten calls per office31-shaped step (the GPU ratio's CPU proxy)
-    python3 benchmarks/step_probes.py energy_tap [R]  # the DAAA step vs Eq. 4's energy as a pass-through node per layer
 
 The CycleGAN probes use random images of the ``digits-cpu`` shape and print seconds per step (20 steps after 5 of
 warm-up); "two processes" in BENCHMARKS.md is ``threads 16 1`` started twice at once.
@@ -262,80 +261,6 @@ def overlap(rounds: int = 10) -> None:
     torch.set_num_threads(threads)
 
 
-def energy_tap(rounds: int = 12) -> None:
-    """The preset's DAAA step against the same step with Eq. 4's energy taken by a per-layer autograd node created in
-    each aligned conv's forward hook: it passes the features on to the rest of the network and its backward is one
-    ``addcmul`` into the main path's gradient (instead of a multiply into a new tensor that autograd then adds), run
-    right before that conv's own backward. Scratch: the trainer's FeatureRecorder and map grouping are swapped for
-    the second trainer only; prints both steps' L_AT on one batch at equal weights, then the interleaved timing."""
-    import daaa.trainers.adapt as adapt_module
-    from daaa import bench
-    from daaa.attention import FeatureRecorder
-
-    class EnergyTap(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, f):
-            ctx.save_for_backward(f)
-            return f.view_as(f), torch.linalg.vector_norm(f, 2, dim=1, dtype=torch.float32).square_()
-
-        @staticmethod
-        def backward(ctx, grad_out, grad_energy):
-            (f,) = ctx.saved_tensors
-            if grad_energy is None:
-                return grad_out
-            return torch.addcmul(grad_out, f, grad_energy.unsqueeze(1).to(f.dtype), value=2.0)
-
-    class TapRecorder(FeatureRecorder):
-        def _hook(self, name, fn):
-            def hook(module, _inputs, out):
-                if getattr(module, "_energy_tap", False):
-                    passed_on, self._slots[name] = EnergyTap.apply(out)
-                    return passed_on
-                self._slots[name] = out if fn is None else fn(out)
-            return hook
-
-    class EnergyMaps:
-        def __init__(self, alignment):
-            self.alignment = alignment
-
-        def grouped_maps(self, energies):
-            groups: dict = {}
-            for e in energies:
-                groups.setdefault(tuple(e.shape[1:]), []).append(e)
-            stacked = [torch.stack(g, 1).flatten(2) for g in groups.values()]
-            return [a / torch.linalg.vector_norm(a, 2, dim=2, keepdim=True).clamp_min(1e-12) for a in stacked]
-
-        def __getattr__(self, name):
-            return getattr(self.alignment, name)
-
-    adapt_module.FeatureRecorder = TapRecorder
-    cfg, source_only, daaa, first = _trainers()
-
-    def tapped(name: str):
-        trainer = bench.daaa_trainer(cfg, bench.synthetic_data(cfg, 0), daaa.ctx, Path(tempfile.mkdtemp()), name)
-        modules = dict(trainer.net.named_modules())
-        for layer in trainer.layers:
-            modules[layer]._energy_tap = True
-        trainer.alignment = EnergyMaps(trainer.alignment)
-        return trainer
-
-    reference = bench.daaa_trainer(cfg, bench.synthetic_data(cfg, 0), daaa.ctx, Path(tempfile.mkdtemp()), "ref")
-    print(f"L_AT of one batch: {reference.step(first)['L_AT']} (step now), {tapped('check').step(first)['L_AT']} (tap)")
-    tap = tapped("tap")
-    for i in range(5):
-        tap.step(first + i)
-    at = {"source_only": 10, "daaa": first + 10, "tap": first + 10}
-
-    def runner(name: str, trainer):
-        def one() -> None:
-            trainer.step(at[name])
-            at[name] += 1
-        return one
-
-    _interleaved({"source_only": runner("source_only", source_only), "daaa": runner("daaa", daaa),
-                  "tap": runner("tap", tap)}, rounds, "source_only")
-
-
 def profile() -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -422,7 +347,7 @@ def floor(rounds: int = 15) -> None:
         def with_alignment(b, logits):
             return cross_entropy(b, logits) + daaa.attention_loss(batch, crops, rec.features, x)
 
-        with FeatureRecorder(source_only.net, daaa.layers) as rec:
+        with FeatureRecorder(source_only.net, daaa.layers, energy=daaa.energy_taps) as rec:
             source_only.classification_loss = with_alignment
             try:
                 plain()
@@ -519,5 +444,4 @@ def opcount(steps: int = 3) -> None:
 if __name__ == "__main__":
     mode, args = sys.argv[1], [int(a) for a in sys.argv[2:]]
     {"threads": threads, "sharded": sharded, "groupnorm": groupnorm, "profile": profile, "gpu_profile": gpu_profile,
-     "floor": floor, "int8": int8, "compile": compiled, "overlap": overlap, "opcount": opcount,
-     "energy_tap": energy_tap}[mode](*args)
+     "floor": floor, "int8": int8, "compile": compiled, "overlap": overlap, "opcount": opcount}[mode](*args)

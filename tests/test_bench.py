@@ -83,6 +83,30 @@ def test_cached_anchor_crops_fall_back_to_the_forward_for_a_net_of_one_input_siz
     assert trainer.step(0)["L_AT"] > 0  # the anchors' crops through the net, as with anchor_crops=forward
 
 
+
+def test_a_network_that_changes_an_aligned_output_in_place_trains_on_recorded_features(tmp_path, caplog):
+    """L_AT's energy taps (Eq. 4 taken as the outputs pass, issue 18) are used for l2 maps; a network that rectifies
+    an aligned conv's output in place cannot take them, and the trainer's check finds it before a training step
+    would fail: it then records the features, and trains."""
+    cfg = load_config("smoke")
+    trainer = bench.daaa_trainer(cfg, bench.synthetic_data(cfg), CPU, tmp_path, "taps")
+    assert trainer.energy_taps
+    assert not bench.daaa_trainer(load_config("smoke", ["adapt.attention=l1"]), bench.synthetic_data(cfg), CPU,
+                                  tmp_path, "l1").energy_taps
+
+    class RectifyInPlace(torch.nn.Module):  # ReLU(maxpool(.)) of the digit CNN as maxpool(relu_(.))
+        def forward(self, x):
+            return torch.nn.functional.max_pool2d(x.relu_(), 2)
+
+    trainer.net.pool = RectifyInPlace()
+    with pytest.raises(RuntimeError, match="inplace"):
+        trainer.step(0)
+    with caplog.at_level("INFO", logger="daaa"):
+        assert not trainer._energy_taps_work()
+    assert "in place" in caplog.text
+    trainer.energy_taps = False
+    assert trainer.step(0)["L_AT"] > 0
+
 def test_anchors_that_are_batch_rows_are_not_prepared_again(tmp_path, monkeypatch):
     """The S rows and the S_f rows are their own anchors (same image, same crop): the frozen source net takes them
     from the prepared batch; only the T rows whose S_f is not a row are decoded, cropped and normalised again."""

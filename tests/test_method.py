@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from daaa import AttentionAlignmentLoss, FeatureRecorder, attention_map
-from daaa.attention import _NormalisedEnergy, crop_attention_maps, grouped_attention_maps
+from daaa.attention import (_EnergyTap, _NormalisedEnergy, _NormalisedMaps, crop_attention_maps,
+                            grouped_attention_maps)
 from daaa.batches import MixedBatchSampler, stream_counts
 from daaa.em import PosteriorNetwork, confidence_mask, em_loss
 from daaa.models import DigitCNN
@@ -89,6 +90,55 @@ def test_grouped_maps_equal_the_layers_maps_and_their_loss():
     low = src[0].bfloat16()  # bf16 features: summed in float32 without a float32 copy, as attention_map always did
     torch.testing.assert_close(attention_map(low), attention_map(low.float()), rtol=0, atol=0)
 
+
+
+def test_energy_taps_give_the_recorded_features_maps_and_gradients():
+    """FeatureRecorder(energy=True) -- Eq. 4 taken as each output passes, its backward one addcmul into the network's
+    gradient (issue 18) -- gives the maps of the recorded features (to the bit in the forward) and the same parameter
+    gradients, whether L_AT, the network's output or both are differentiated, for a plain tap and a (name, fn) tap,
+    and a layer whose output feeds the next one and another that ends the network."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1),
+                        nn.AvgPool2d(2), nn.Conv2d(6, 5, 1))
+    taps = ["0", ("2", torch.tanh), "4"]
+    x = torch.randn(5, 3, 8, 8)
+    anchors = [F.normalize(torch.rand(5, 1, n), dim=2) for n in (64, 64, 16)]
+    align = AttentionAlignmentLoss()
+
+    def grads(energy: bool, with_at: bool, with_out: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        net.zero_grad()
+        with FeatureRecorder(net, taps, energy=energy) as rec:
+            out = net(x)
+            maps = align.grouped_maps(rec.features, energies=energy)
+        loss = (align.from_maps([torch.cat(anchors[:2], 1), anchors[2]], maps) if with_at else 0) + \
+            ((out * out).sum() if with_out else 0)
+        loss.backward()
+        return [m.detach() for m in maps], [q.grad.clone() for q in net.parameters()]
+
+    for with_at, with_out in ((True, True), (True, False), (False, True)):
+        maps, want = grads(False, with_at, with_out)
+        tapped, got = grads(True, with_at, with_out)
+        assert all(torch.equal(a, b) for a, b in zip(maps, tapped))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    f = torch.randn(2, 3, 4, 4, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(_EnergyTap.apply, (f,))
+    energies = [torch.rand(2, 3, 3, dtype=torch.double, requires_grad=True) for _ in range(2)]
+    assert torch.autograd.gradcheck(_NormalisedMaps.apply, tuple(energies))
+    with pytest.raises(ValueError, match="energies"):
+        grouped_attention_maps([torch.rand(2, 3, 3)], "l1", energies=True)
+
+
+def test_energy_taps_refuse_a_network_that_changes_the_output_in_place():
+    """The tapped output passes on as a view: a network that rectifies it in place is refused by autograd (the
+    trainer then records the features: tests/test_bench.py), as is not the plain recorder."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True))
+    x = torch.randn(2, 3, 6, 6)
+    with FeatureRecorder(net, ["0"]) as rec:
+        net(x)
+        assert rec.features[0].min() >= 0  # what the plain recorder holds: the rectified output, not the conv's
+    with FeatureRecorder(net, ["0"], energy=True), pytest.raises(RuntimeError, match="inplace"):
+        net(x)
 
 def test_cropped_maps_of_uncropped_images_are_the_crops_maps_where_the_net_commutes_with_cropping():
     """adapt.anchor_crops=cached: crop_attention_maps on the maps of uncropped images gives the maps of the crops

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from daaa.config import ModelConfig, load_config
 from daaa.errors import ConfigError, DaaaError
-from daaa.models import (Classifier, ResNet50, aligned_layers, alignable_layers, build_model, check_arch, describe,
+from daaa.models import (Classifier, ResNet50, alignable_layers, build_model, check_arch, describe,
                          load_model_file, model_info, model_key, read_model_file, save_model_file)
 from daaa.runs import Stage
 
@@ -205,3 +205,19 @@ def test_attention_taps_of_a_resnet_read_after_batch_norm_and_at_block_outputs()
         loss.backward()
         assert torch.isfinite(net.backbone.layer1[0].conv1.weight.grad).all()
         net.zero_grad()
+
+
+def test_no_activation_runs_in_place_so_the_conv_tap_reads_the_convs_own_output():
+    """torchvision's VGG rectifies each conv's output in place: the "conv" tap (Eq. 4's F_l) would hold the ReLU's
+    values, and L_AT's energy taps could not pass the output on. build_model turns in-place activations off."""
+    from daaa.attention import FeatureRecorder
+    from daaa.models import attention_taps
+
+    net = build_model(ModelConfig(arch="vgg11", pretrained="none"), 3, 3, 32, log=False)
+    assert not any(getattr(m, "inplace", False) for m in net.modules() if isinstance(m, nn.ReLU))
+    with FeatureRecorder(net, attention_taps(net)) as rec:
+        net(torch.randn(2, 3, 32, 32))
+        assert all(f.min() < 0 for f in rec.features)
+    with FeatureRecorder(net, attention_taps(net), energy=True) as rec:
+        net(torch.randn(2, 3, 32, 32)).sum().backward()
+        assert len(rec.features) == len(net.aligned_layers)
