@@ -53,7 +53,7 @@ def grouped_attention_maps(features: Sequence[torch.Tensor], kind: AttentionKind
     """The maps of several layers, stacked by spatial size: (N, L_g, H*W) per group of the L_g layers whose maps
     have one size, groups in the order of their first layer. L_AT is a sum over layers (Eq. 5), so
     :meth:`AttentionAlignmentLoss.from_maps` takes these groups as it takes single layers. ``energies``: the inputs
-    are already Eq. 4's A_l (N, H, W), as :class:`FeatureRecorder` records them with ``energy=True``; only
+    are already Eq. 4's A_l (N, 1, H, W), as :class:`FeatureRecorder` records them with ``energy=True``; only
     normalised here.
 
     Why: ResNet-50 aligns 52 layers in 4 sizes; a few dozen small operations per layer (and as many autograd nodes)
@@ -62,17 +62,14 @@ def grouped_attention_maps(features: Sequence[torch.Tensor], kind: AttentionKind
     if energies and kind != "l2":
         raise ValueError(f"grouped_attention_maps: energies are Eq. 4's l2 maps, not {kind!r} ones")
     for f in features:
-        if energies and f.dim() < 2:
-            raise ValueError(f"grouped_attention_maps: expected energies (N, ...) with spatial dimensions, got "
-                             f"shape {tuple(f.shape)}")
-        if not energies:
-            _check_spatial(f)
+        _check_spatial(f)
+        if energies and f.shape[1] != 1:
+            raise ValueError(f"grouped_attention_maps: expected energies (N, 1, ...), got shape {tuple(f.shape)}")
     if kind != "l2":
         return [attention_map(f, kind).unsqueeze(1) for f in features]
-    first_spatial = 1 if energies else 2
     groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for f in features:
-        groups.setdefault(tuple(f.shape[first_spatial:]), []).append(f)
+        groups.setdefault(tuple(f.shape[2:]), []).append(f)
     node = _NormalisedMaps if energies else _NormalisedEnergy
     return [node.apply(*group) for group in groups.values()]
 
@@ -116,11 +113,12 @@ _EPS = 1e-12  # F.normalize's: an all-zero map stays zero
 
 
 def _energy(features: torch.Tensor) -> torch.Tensor:
-    """Eq. 4, A = sum_c F_c^2: (N, C, ...) -> (N, ...), as a vector norm over channels squared -- one read of the
+    """Eq. 4, A = sum_c F_c^2: (N, C, ...) -> (N, 1, ...), as a vector norm over channels squared -- one read of the
     features, in float32 without a float32 copy of bf16 ones (float64 for float64 features). No autograd: the nodes
     below hold its derivative, dA/dF_c = 2 F_c."""
     dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(features, ord=2, dim=1, dtype=dtype).square_()
+    root = torch.linalg.vector_norm(features, ord=2, dim=1, keepdim=True, dtype=dtype)
+    return root.mul_(root)  # square_() is pow_() underneath: three more dispatcher calls per layer (issue 18's GPU)
 
 
 def _normalise(energy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -156,8 +154,7 @@ class _NormalisedEnergy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *features: torch.Tensor) -> torch.Tensor:
         energies = [_energy(f) for f in features]
-        maps, norm, clamped = _normalise((energies[0].unsqueeze(1) if len(energies) == 1
-                                          else torch.stack(energies, dim=1)).flatten(2))
+        maps, norm, clamped = _normalise((energies[0] if len(energies) == 1 else torch.cat(energies, 1)).flatten(2))
         ctx.save_for_backward(maps, norm, clamped, *features)
         return maps
 
@@ -166,19 +163,20 @@ class _NormalisedEnergy(torch.autograd.Function):
         maps, norm, clamped, *features = ctx.saved_tensors
         # one (N, 1, H, W) slice per layer, in the features' dtype, made by one copy for the whole group
         per_layer = _normalise_backward(maps, norm, clamped, grad, (1, *features[0].shape[2:]), scale=2.0)
-        per_layer = per_layer.to(features[0].dtype)
+        if per_layer.dtype != features[0].dtype:
+            per_layer = per_layer.to(features[0].dtype)
         return tuple(f * g if needed else None for f, g, needed in zip(features, per_layer, ctx.needs_input_grad))
 
 
 class _NormalisedMaps(torch.autograd.Function):
-    """Eq. 5's normalisation of Eq. 4 energies A_l (N, H, W) of one spatial size, stacked to (N, L, H*W): the half of
+    """Eq. 5's normalisation of Eq. 4 energies A_l (N, 1, H, W) of one spatial size, stacked to (N, L, H*W): the half of
     :class:`_NormalisedEnergy` after the energies, for those :class:`_EnergyTap` took during the forward."""
 
     @staticmethod
     def forward(ctx, *energies: torch.Tensor) -> torch.Tensor:
-        maps, norm, clamped = _normalise(torch.stack(energies, dim=1).flatten(2))  # a copy: normalised in place
+        maps, norm, clamped = _normalise(torch.cat(energies, 1).flatten(2))  # a copy: normalised in place
         ctx.save_for_backward(maps, norm, clamped)
-        ctx.spatial = tuple(energies[0].shape[1:])
+        ctx.spatial = tuple(energies[0].shape[1:])  # (1, H, W): each layer's gradient in its energy's shape
         return maps
 
     @staticmethod
@@ -207,7 +205,8 @@ class _EnergyTap(torch.autograd.Function):
         (features,) = ctx.saved_tensors
         if grad_energy is None:
             return grad_out
-        grad_energy = grad_energy.unsqueeze(1).to(features.dtype)
+        if grad_energy.dtype != features.dtype:  # bf16 features: their gradient in bf16, as the network's
+            grad_energy = grad_energy.to(features.dtype)
         if grad_out is None:
             return features * grad_energy * 2.0
         return torch.addcmul(grad_out, features, grad_energy, value=2.0)
@@ -224,7 +223,7 @@ class FeatureRecorder:
     ``features`` holds the outputs of the last forward, in the order of ``layers`` (names, or (name, fn) pairs whose
     ``fn`` is applied to the output as it is recorded). A context manager, so the hooks never outlive their use.
 
-    ``energy=True`` records Eq. 4's A_l = sum_c F_l,c^2 (N, H, W) of each output instead (float32; float64 for
+    ``energy=True`` records Eq. 4's A_l = sum_c F_l,c^2 (N, 1, H, W) of each output instead (float32; float64 for
     float64 features), for :func:`grouped_attention_maps` with ``energies=True``. A layer's own output then passes
     on through a node whose backward adds 2 F dL/dA to the network's gradient in one operation (:class:`_EnergyTap`):
     the cheapest backward of Eq. 4, but the network must not change that output in place (autograd raises if it

@@ -123,7 +123,7 @@ def test_energy_taps_give_the_recorded_features_maps_and_gradients():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     f = torch.randn(2, 3, 4, 4, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(_EnergyTap.apply, (f,))
-    energies = [torch.rand(2, 3, 3, dtype=torch.double, requires_grad=True) for _ in range(2)]
+    energies = [torch.rand(2, 1, 3, 3, dtype=torch.double, requires_grad=True) for _ in range(2)]
     assert torch.autograd.gradcheck(_NormalisedMaps.apply, tuple(energies))
     with pytest.raises(ValueError, match="energies"):
         grouped_attention_maps([torch.rand(2, 3, 3)], "l1", energies=True)
