@@ -190,9 +190,9 @@ class _EnergyTap(torch.autograd.Function):
 
     Backward: dL/dF = (the network's own gradient of F) + 2 F dL/dA in one ``addcmul``, where a separate energy node
     would write 2 F dL/dA to a new tensor of the features' size and autograd would then add the two (two more passes
-    over the largest activations, ~0.1 of a digit-CNN DAAA step on a CPU: issue 18). F passes on as a view, which
-    the network may not change in place (autograd refuses): :class:`FeatureRecorder` ``energy=True`` is for
-    networks that do not."""
+    over the largest activations: ~0.05 of a source-only step of the digit CNN on a CPU, issue 18). F passes on as a
+    view, which the network may not change in place (autograd refuses): :class:`FeatureRecorder` ``energy=True`` is
+    for networks that do not."""
 
     @staticmethod
     def forward(ctx, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
