@@ -345,7 +345,8 @@ def floor(rounds: int = 15) -> None:
         cross_entropy = source_only.classification_loss
 
         def with_alignment(b, logits):
-            return cross_entropy(b, logits) + daaa.attention_loss(batch, crops, rec.features, x)
+            return cross_entropy(b, logits) + daaa.attention_loss(batch, crops, rec.energies if rec.energy
+                                                                     else rec.features, x)
 
         with FeatureRecorder(source_only.net, daaa.layers, energy=daaa.energy_taps) as rec:
             source_only.classification_loss = with_alignment

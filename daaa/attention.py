@@ -223,11 +223,11 @@ class FeatureRecorder:
     ``features`` holds the outputs of the last forward, in the order of ``layers`` (names, or (name, fn) pairs whose
     ``fn`` is applied to the output as it is recorded). A context manager, so the hooks never outlive their use.
 
-    ``energy=True`` records Eq. 4's A_l = sum_c F_l,c^2 (N, 1, H, W) of each output instead (float32; float64 for
-    float64 features), for :func:`grouped_attention_maps` with ``energies=True``. A layer's own output then passes
-    on through a node whose backward adds 2 F dL/dA to the network's gradient in one operation (:class:`_EnergyTap`):
-    the cheapest backward of Eq. 4, but the network must not change that output in place (autograd raises if it
-    does).
+    ``energy=True`` records Eq. 4's A_l = sum_c F_l,c^2 (N, 1, H, W) of each output instead, read as ``energies``
+    (float32; float64 for float64 features), for :func:`grouped_attention_maps` with ``energies=True``. A layer's
+    own output then passes on through a node whose backward adds 2 F dL/dA to the network's gradient in one
+    operation (:class:`_EnergyTap`): the cheapest backward of Eq. 4, but the network must not change that output in
+    place (autograd raises if it does).
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[Tap], energy: bool = False):
@@ -257,6 +257,19 @@ class FeatureRecorder:
 
     @property
     def features(self) -> list[torch.Tensor]:
+        if self.energy:  # energies taken for features would give maps of A^2, silently
+            raise RuntimeError("FeatureRecorder(energy=True) holds Eq. 4's energies, not features: read .energies "
+                               "and map them with energies=True")
+        return self._recorded()
+
+    @property
+    def energies(self) -> list[torch.Tensor]:
+        """Eq. 4's A_l (N, 1, H, W) of each layer in the last forward (``energy=True`` only)."""
+        if not self.energy:
+            raise RuntimeError("FeatureRecorder holds features: .energies needs FeatureRecorder(..., energy=True)")
+        return self._recorded()
+
+    def _recorded(self) -> list[torch.Tensor]:
         missing = [n for n in self.layers if n not in self._slots]
         if missing:
             raise RuntimeError(f"FeatureRecorder: layer(s) {missing} produced no output in the model's last forward")
@@ -339,14 +352,20 @@ class AttentionAlignmentLoss(nn.Module):
         return grouped_attention_maps(features, self.kind, energies)
 
     def forward(self, source_features: Sequence[torch.Tensor], target_features: Sequence[torch.Tensor],
-                weights: torch.Tensor | None = None, source_are_maps: bool = False) -> torch.Tensor:
+                weights: torch.Tensor | None = None, source_are_maps: bool = False,
+                energies: bool = False) -> torch.Tensor:
         """L_AT of the features (per layer, in the same order on both sides); ``source_are_maps``: the source side
-        is already maps, from :meth:`maps` or :meth:`grouped_maps`."""
+        is already maps, from :meth:`maps` or :meth:`grouped_maps`; ``energies``: the features are Eq. 4's energies
+        (``FeatureRecorder(energy=True).energies``)."""
         if source_are_maps:
             grouped = any(s.dim() == 3 for s in source_features)
-            return self.from_maps(source_features, self.grouped_maps(target_features) if grouped
+            if energies and not grouped:
+                raise ValueError("L_AT: energies=True pairs with source maps from grouped_maps (N, L, D), not "
+                                 "per-layer ones")
+            return self.from_maps(source_features, self.grouped_maps(target_features, energies) if grouped
                                   else self.maps(target_features), weights)
-        return self.from_maps(self.grouped_maps(source_features), self.grouped_maps(target_features), weights)
+        return self.from_maps(self.grouped_maps(source_features, energies),
+                              self.grouped_maps(target_features, energies), weights)
 
     def from_maps(self, source_maps: Sequence[torch.Tensor], target_maps: Sequence[torch.Tensor],
                   weights: torch.Tensor | None = None, source_rows: torch.Tensor | None = None) -> torch.Tensor:

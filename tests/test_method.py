@@ -109,7 +109,7 @@ def test_energy_taps_give_the_recorded_features_maps_and_gradients():
         net.zero_grad()
         with FeatureRecorder(net, taps, energy=energy) as rec:
             out = net(x)
-            maps = align.grouped_maps(rec.features, energies=energy)
+            maps = align.grouped_maps(rec.energies if energy else rec.features, energies=energy)
         loss = (align.from_maps([torch.cat(anchors[:2], 1), anchors[2]], maps) if with_at else 0) + \
             ((out * out).sum() if with_out else 0)
         loss.backward()
@@ -121,6 +121,24 @@ def test_energy_taps_give_the_recorded_features_maps_and_gradients():
         assert all(torch.equal(a, b) for a, b in zip(maps, tapped))
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # what each recorder holds is read under its own name (energies taken for features would be mapped as A^2), and
+    # L_AT of energies with energies=True is L_AT of the features
+    with FeatureRecorder(net, taps) as plain, FeatureRecorder(net, taps, energy=True) as tapped, torch.no_grad():
+        net(x)
+        features, energies = plain.features, tapped.energies
+        net(x.flip(3))
+        other_features, other_energies = plain.features, tapped.energies
+        with pytest.raises(RuntimeError, match="energies"):
+            tapped.features
+        with pytest.raises(RuntimeError, match="energy=True"):
+            plain.energies
+    want = align(features, other_features)
+    assert want > 0.1
+    torch.testing.assert_close(align(energies, other_energies, energies=True), want)
+    torch.testing.assert_close(align(align.grouped_maps(features), other_energies, source_are_maps=True,
+                                     energies=True), want)
+    with pytest.raises(ValueError, match="per-layer"):
+        align(align.maps(features), other_energies, source_are_maps=True, energies=True)
     f = torch.randn(2, 3, 4, 4, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(_EnergyTap.apply, (f,))
     energies = [torch.rand(2, 1, 3, 3, dtype=torch.double, requires_grad=True) for _ in range(2)]

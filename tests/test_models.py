@@ -220,4 +220,4 @@ def test_no_activation_runs_in_place_so_the_conv_tap_reads_the_convs_own_output(
         assert all(f.min() < 0 for f in rec.features)
     with FeatureRecorder(net, attention_taps(net), energy=True) as rec:
         net(torch.randn(2, 3, 32, 32)).sum().backward()
-        assert len(rec.features) == len(net.aligned_layers)
+        assert len(rec.energies) == len(net.aligned_layers)

@@ -213,7 +213,7 @@ class DAAATrainer(Trainer):
             finally:
                 for handle in handles:
                     handle.remove()
-            return self.alignment.grouped_maps(rec.features, energies=self.energy_taps)
+            return self.alignment.grouped_maps(rec.energies if rec.energy else rec.features, energies=rec.energy)
 
     def _source_map_cache(self) -> list[torch.Tensor] | None:
         """The frozen source net's maps of every S and S_f image (the anchors of Eq. 5), computed once; per group
@@ -315,7 +315,7 @@ class DAAATrainer(Trainer):
         with FeatureRecorder(self.net, self.layers if attention else [], energy=self.energy_taps) as rec, \
                 self.ctx.autocast():
             logits = self.model(x).float()  # S | T_f | T | S_f
-            features = rec.features
+            features = rec.energies if rec.energy else rec.features
         sl = batch.slices()
         loss_em, kept = self.em_loss(logits[sl["T"].start:sl["Sf"].stop], posterior)
         return {"L_CE": self.classification_loss(batch, logits[sl["S"].start:sl["Tf"].stop]),
