@@ -317,11 +317,12 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int, image_size
         else:
             backbone, _ = _torchvision_backbone(cfg.arch, cfg.pretrained)
         net = Classifier(backbone, _feature_width(backbone, cfg.arch, in_channels, image_size), num_classes)
-    # no activation in place: Eq. 4 reads an aligned conv's own output, which a ReLU(inplace=True) right after it
-    # (torchvision's VGG, AlexNet) would rectify under the recorder's eyes, and L_AT's energy taps pass that output
-    # on as a view autograd does not let the network change (FeatureRecorder(energy=True))
+    # nothing in place (activations, dropout): Eq. 4 reads an aligned conv's own output, which a ReLU(inplace=True)
+    # right after it (torchvision's VGG, AlexNet) would rectify under the recorder's eyes, and L_AT's energy taps pass
+    # that output on as a view autograd does not let the network change (FeatureRecorder(energy=True)); the trainer
+    # checks the rest in eval mode, where a dropout does nothing
     for module in net.modules():
-        if isinstance(module, _ACTIVATIONS) and getattr(module, "inplace", False):
+        if getattr(module, "inplace", False) is True:
             module.inplace = False
     net.arch = cfg.arch
     net.aligned_layers = aligned_layers(net, cfg.aligned_layers)

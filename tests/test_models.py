@@ -209,12 +209,12 @@ def test_attention_taps_of_a_resnet_read_after_batch_norm_and_at_block_outputs()
 
 def test_no_activation_runs_in_place_so_the_conv_tap_reads_the_convs_own_output():
     """torchvision's VGG rectifies each conv's output in place: the "conv" tap (Eq. 4's F_l) would hold the ReLU's
-    values, and L_AT's energy taps could not pass the output on. build_model turns in-place activations off."""
+    values, and L_AT's energy taps could not pass the output on. build_model turns every in-place module off."""
     from daaa.attention import FeatureRecorder
     from daaa.models import attention_taps
 
     net = build_model(ModelConfig(arch="vgg11", pretrained="none"), 3, 3, 32, log=False)
-    assert not any(getattr(m, "inplace", False) for m in net.modules() if isinstance(m, nn.ReLU))
+    assert not any(getattr(m, "inplace", False) for m in net.modules())  # ReLUs and dropouts alike
     with FeatureRecorder(net, attention_taps(net)) as rec:
         net(torch.randn(2, 3, 32, 32))
         assert all(f.min() < 0 for f in rec.features)
