@@ -107,6 +107,30 @@ def test_a_network_that_changes_an_aligned_output_in_place_trains_on_recorded_fe
     trainer.energy_taps = False
     assert trainer.step(0)["L_AT"] > 0
 
+
+@pytest.mark.parametrize("tap", ["conv", "activation"])
+def test_energy_taps_train_a_batch_norm_network_as_recorded_features_do(tmp_path, tap):
+    """On a ResNet (batch norm after each aligned conv, channels_last, cropped anchors through the frozen net): a
+    step with L_AT's energy taps gives the loss terms and gradients of the same step with recorded features, for
+    conv outputs (passed on by the tap) and for act(BN(conv)) taps (a (name, fn) tap: energy only)."""
+    cfg = load_config("smoke", ["model.arch=resnet18", "model.pretrained=none", "data.augment=true",
+                                "data.load_size=36", "runtime.channels_last=true", f"adapt.attention_tap={tap}"])
+    data = bench.synthetic_data(cfg)
+    results = []
+    for taps in (True, False):
+        trainer = bench.daaa_trainer(cfg, data, CPU, tmp_path, f"resnet-{taps}")
+        assert trainer.energy_taps
+        trainer.energy_taps = taps
+        terms = trainer.losses(trainer.sampler.batch(0), 0)
+        (terms["L_CE"] + terms["L_EM"] + terms["L_AT"]).backward()
+        results.append((terms, [p.grad for p in trainer.net.parameters()]))
+    (tapped, tapped_grads), (recorded, recorded_grads) = results
+    assert recorded["L_AT"] > 0
+    for k in ("L_CE", "L_EM", "L_AT"):
+        torch.testing.assert_close(tapped[k], recorded[k])
+    for a, b in zip(tapped_grads, recorded_grads):
+        assert _rel(a, b) < 1e-5
+
 def test_anchors_that_are_batch_rows_are_not_prepared_again(tmp_path, monkeypatch):
     """The S rows and the S_f rows are their own anchors (same image, same crop): the frozen source net takes them
     from the prepared batch; only the T rows whose S_f is not a row are decoded, cropped and normalised again."""
