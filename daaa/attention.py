@@ -207,8 +207,8 @@ class _EnergyTap(torch.autograd.Function):
             return grad_out
         if grad_energy.dtype != features.dtype:  # bf16 features: their gradient in bf16, as the network's
             grad_energy = grad_energy.to(features.dtype)
-        if grad_out is None:
-            return features * grad_energy * 2.0
+        if grad_out is None:  # the factor on the small map: one pass over the features, not two
+            return features * (grad_energy * 2.0)
         return torch.addcmul(grad_out, features, grad_energy, value=2.0)
 
 
